@@ -1,0 +1,291 @@
+"""The Python API that the CLI mirrors: extract, train, evaluate, predict.
+
+Example:
+    >>> import headstart
+    >>> run = headstart.train("photos/", out="runs/photos")          # doctest: +SKIP
+    >>> headstart.evaluate("runs/photos", "photos_test/")["accuracy"]  # doctest: +SKIP
+    0.97
+    >>> headstart.predict("runs/photos", ["new.jpg"], top_k=2)        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from .cache import FeatureCache
+from .data import BadFile, ImageSet, LoadedData, list_image_paths, load_images
+from .errors import DataError, RunError, UsageError
+from .features import FeatureResult, extract_features
+from .heads import make_head
+from .metrics import classification_metrics
+from .preprocess import preprocessing_signature
+from .runs import Run, write_run
+
+
+@dataclass
+class TrainConfig:
+    """Everything that configures ``headstart train``; the CLI fills the same fields."""
+
+    backbone: str = DEFAULT_BACKBONE  # timm model name
+    weights: str = "default"  # "default" (packaged or timm download), "random", or a file path
+    head: str = "linear"  # "linear" (softmax regression) or "mlp"
+    head_params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the head class
+    val_split: float = 0.2  # fraction held out per class when the data has no val/ folder
+    cv: int = 0  # k-fold cross-validation on the training images before the final fit (0 = off)
+    seed: int = 0  # seed of the split, the folds and the head
+    precision: str = "auto"  # backbone arithmetic: auto, fp32, bf16, fp16
+    batch_size: int = 32  # images per backbone forward
+    num_workers: int | None = None  # decoding processes; None = one per spare core
+    cache_dir: str | None = None  # feature cache; None = $HEADSTART_CACHE_DIR or the user cache
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _open_cache(cache_dir: str | os.PathLike[str] | None) -> FeatureCache:
+    return FeatureCache(cache_dir)
+
+
+def extract(
+    data: str | os.PathLike[str],
+    *,
+    backbone: str | Backbone = DEFAULT_BACKBONE,
+    weights: str = "default",
+    cache_dir: str | os.PathLike[str] | None = None,
+    precision: str = "auto",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pre-compute and cache the features of every image in ``data`` (``headstart features``)."""
+    loaded = load_images(data, val_split=0)  # a train/ + val/ tree still yields both parts
+    paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
+    bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
+    with _open_cache(cache_dir) as cache:
+        result = extract_features(bb, paths, cache=cache, precision=precision, batch_size=batch_size,
+                                  num_workers=num_workers, progress=progress)
+        root = str(cache.root)
+    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
+    return {"n_images": len(paths), "n_computed": result.n_computed, "n_cached": result.n_cached,
+            "n_bad": len(bad), "bad_files": bad, "seconds": round(result.seconds, 3),
+            "images_per_second": round(result.images_per_second, 2), "backbone": bb.name,
+            "weights_digest": bb.weights_digest, "cache_dir": root}
+
+
+def _usable(images: ImageSet, result: FeatureResult) -> tuple[np.ndarray, np.ndarray]:
+    return result.features[result.ok], images.labels[result.ok]
+
+
+def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    smallest = int(np.bincount(y).min())
+    if config.cv < 2 or smallest < config.cv:
+        raise UsageError(f"--cv {config.cv} needs >= 2 folds and at least {config.cv} usable images in every "
+                         f"class (the smallest class has {smallest}); lower --cv")
+    folds = StratifiedKFold(config.cv, shuffle=True, random_state=config.seed).split(x, y)
+    scores = []
+    for train_idx, test_idx in folds:
+        head = make_head(config.head, **config.head_params).fit(x[train_idx], y[train_idx])
+        scores.append(head.score(x[test_idx], y[test_idx]))
+    return {"folds": config.cv, "accuracy": float(np.mean(scores)), "std": float(np.std(scores)),
+            "fold_accuracy": [float(s) for s in scores]}
+
+
+def train(
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    **overrides: Any,
+) -> Run:
+    """Train a classifier head on a frozen pre-trained backbone and save the run to ``out``.
+
+    Args:
+        data: class-folder tree, ``train/``+``val/`` tree, or CSV manifest (see :func:`load_images`).
+        out: run folder to write (replaced if it holds a previous run).
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
+        progress: progress bars and messages on stderr.
+
+    Returns:
+        The saved :class:`Run`; ``run.metrics`` holds validation (and CV) metrics.
+    """
+    config = config or TrainConfig()
+    unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        known = sorted(TrainConfig.__dataclass_fields__)
+        raise UsageError(f"unknown train option(s) {sorted(unknown)}; known: {known}")
+    config = TrainConfig(**{**asdict(config), **overrides})
+    make_head(config.head, **config.head_params)  # fail on a bad head setting before any heavy work
+    start = time.perf_counter()
+    loaded: LoadedData = load_images(data, val_split=config.val_split, seed=config.seed)
+    bb = create_backbone(config.backbone, config.weights)
+    _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
+                   f"input {bb.data_config['input_size'][1]}px; frozen: all layers (head-only training)")
+    all_paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
+    with _open_cache(config.cache_dir) as cache:
+        result = extract_features(bb, all_paths, cache=cache, precision=config.precision,
+                                  batch_size=config.batch_size, num_workers=config.num_workers, progress=progress)
+    _log(progress, f"features: {result.n_computed} computed, {result.n_cached} from cache, "
+                   f"{len(result.bad_files)} bad, {result.seconds:.1f}s")
+    n_train = len(loaded.train)
+    train_result = FeatureResult(result.features[:n_train], result.ok[:n_train])
+    x_train, y_train = _usable(loaded.train, train_result)
+    names = loaded.train.class_names
+    present = np.bincount(y_train, minlength=len(names))
+    if (present == 0).any():
+        lost = [names[i] for i in np.flatnonzero(present == 0)]
+        raise DataError(f"class(es) {lost} have no usable training image after skipping "
+                        f"{len(result.bad_files)} unreadable file(s); see the bad-file list above")
+    metrics: dict[str, Any] = {"n_train": len(y_train)}
+    head_start = time.perf_counter()
+    if config.cv:
+        metrics["cv"] = _cross_validate(config, x_train, y_train)
+        _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
+                       f"(+/- {metrics['cv']['std']:.4f})")
+    labels = np.asarray(names)[y_train]
+    head = make_head(config.head, **config.head_params).fit(x_train, labels)
+    metrics["head_seconds"] = round(time.perf_counter() - head_start, 3)
+    if loaded.val is not None:
+        val_ok = result.ok[n_train:]
+        x_val, y_val = result.features[n_train:][val_ok], loaded.val.labels[val_ok]
+        proba = _align(head.predict_proba(x_val), head.classes_, names)
+        metrics["val"] = classification_metrics(y_val, proba, names)
+        _log(progress, f"validation accuracy {metrics['val']['accuracy']:.4f} on {len(y_val)} images")
+    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    metrics["features"] = {"n_computed": result.n_computed, "n_cached": result.n_cached,
+                           "seconds": round(result.seconds, 3)}
+    info = {
+        "headstart_version": __version__,
+        "class_names": names,
+        "backbone": {"name": bb.name, "weights": str(config.weights), "weights_source": bb.weights_source,
+                     "weights_digest": bb.weights_digest, "num_features": bb.num_features, "freeze": "all"},
+        "preprocessing": preprocessing_signature(bb.data_config, result.precision),
+        "data_config": bb.data_config,
+        "config": asdict(config),
+        "data": {"source": str(data), "layout": loaded.layout, "val_from": loaded.val_from,
+                 "n_train": len(y_train), "n_val": int(metrics.get("val", {}).get("n_images", 0)),
+                 "class_counts": loaded.train.class_counts(), "n_bad_files": len(bad)},
+    }
+    for item in bad:
+        _log(progress, f"skipped {item['path']}: {item['reason']}")
+    path = write_run(Path(out), info, head, metrics, bad)
+    _log(progress, f"saved run to {path}")
+    return Run.load(path)
+
+
+def _align(proba: np.ndarray, head_classes: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """Columns of ``proba`` (ordered as ``head_classes``) rearranged to ``class_names``; absent = 0."""
+    out = np.zeros((len(proba), len(class_names)))
+    position = {str(c): i for i, c in enumerate(head_classes)}
+    for j, name in enumerate(class_names):
+        if name in position:
+            out[:, j] = proba[:, position[name]]
+    return out
+
+
+def _run_backbone(run: Run, weights: str | None) -> Backbone:
+    spec = run.info["backbone"]
+    bb = create_backbone(spec["name"], weights if weights is not None else spec["weights"])
+    if bb.weights_digest != spec["weights_digest"]:
+        raise RunError(
+            f"run '{run.path}' was trained on '{spec['name']}' weights with digest {spec['weights_digest'][:12]}, "
+            f"but the weights found now have digest {bb.weights_digest[:12]}; pass the original file with --weights"
+        )
+    return bb
+
+
+def run_features(run: Run, paths: Sequence[Path], *, weights: str | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 32,
+                 num_workers: int | None = None, progress: bool = True) -> FeatureResult:
+    """Features of ``paths`` exactly as the run's training saw them (same backbone, preprocessing, precision)."""
+    bb = _run_backbone(run, weights)
+    with _open_cache(cache_dir) as cache:
+        return extract_features(bb, paths, cache=cache, precision=run.info["preprocessing"]["precision"],
+                                batch_size=batch_size, num_workers=num_workers, progress=progress)
+
+
+def evaluate(
+    run_dir: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    weights: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Accuracy and per-class metrics of a saved run on labelled data.
+
+    ``data`` is read like training data; for a ``train/``+``val/`` tree the validation part is used,
+    otherwise every image. Its class names must be among the run's.
+    """
+    start = time.perf_counter()
+    run = Run.load(run_dir)
+    loaded = load_images(data, val_split=0)
+    images = loaded.val if loaded.val is not None else loaded.train
+    names = run.class_names
+    unknown = sorted(set(images.class_names) - set(names))
+    if unknown:
+        raise DataError(f"'{data}' has class(es) {unknown} that run '{run_dir}' was not trained on "
+                        f"(it knows {names})")
+    remap = np.asarray([names.index(n) for n in images.class_names], dtype=np.int64)
+    result = run_features(run, images.paths, weights=weights, cache_dir=cache_dir, batch_size=batch_size,
+                          num_workers=num_workers, progress=progress)
+    y = remap[images.labels][result.ok]
+    proba = _align(run.head.predict_proba(result.features[result.ok]), run.head.classes_, names)
+    out = classification_metrics(y, proba, names)
+    seconds = time.perf_counter() - start
+    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
+    out.update({"seconds": round(seconds, 3), "n_bad_files": len(bad), "bad_files": bad,
+                "run": str(run_dir), "data": str(data),
+                "ms_per_image": round(1000 * seconds / max(1, len(images)), 3)})
+    return out
+
+
+def predict(
+    run_dir: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    top_k: int = 1,
+    weights: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Top-k classes with probabilities for image files and folders (searched recursively).
+
+    Returns:
+        ``{"predictions": [{"path", "label", "probability", "top_k": [[label, p], ...]}], "bad_files": [...]}``
+    """
+    if top_k < 1:
+        raise UsageError(f"top_k must be >= 1; got {top_k}")
+    run = Run.load(run_dir)
+    paths, listing_bad = list_image_paths(inputs)
+    result = run_features(run, paths, weights=weights, cache_dir=cache_dir, batch_size=batch_size,
+                          num_workers=num_workers, progress=progress)
+    names = run.class_names
+    proba = _align(run.head.predict_proba(result.features[result.ok]), run.head.classes_, names) if result.ok.any() \
+        else np.zeros((0, len(names)))
+    k = min(top_k, len(names))
+    predictions = []
+    for path, p in zip([p for p, ok in zip(paths, result.ok) if ok], proba):
+        order = np.argsort(-p)[:k]
+        predictions.append({"path": str(path), "label": names[order[0]], "probability": float(p[order[0]]),
+                            "top_k": [[names[j], float(p[j])] for j in order]})
+    bad: list[BadFile] = listing_bad + result.bad_files
+    return {"predictions": predictions, "bad_files": [b.to_dict() for b in bad], "class_names": names}

@@ -1,0 +1,274 @@
+"""``headstart`` command line: a thin skin over :mod:`headstart.api`.
+
+Every subcommand parses its arguments and calls one public function. Humans get progress bars and
+messages on stderr; ``--json`` prints one machine-readable object on stdout. Exit codes: 0 success,
+1 failure (one-line reason on stderr), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _add_common(p: argparse.ArgumentParser, *, backbone: bool = True) -> None:
+    if backbone:
+        p.add_argument("--backbone", default="tf_efficientnet_lite0",
+                       help="timm model name (default: %(default)s; see 'headstart backbones')")
+        p.add_argument("--weights", default="default",
+                       help="'default' (packaged offline weights, else timm download), 'random', "
+                            "or a .safetensors/.pth file (default: %(default)s)")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache folder (default: $HEADSTART_CACHE_DIR or the per-user cache)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per backbone forward (default: 32)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes (default: one per spare core; 0 = in-process)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr")
+
+
+def _head_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.weight_decay is not None:
+        params["weight_decay"] = args.weight_decay
+    if args.class_weight == "balanced":
+        params["class_weight"] = "balanced"
+    if args.head == "mlp":
+        params["seed"] = args.seed
+        if args.hidden is not None:
+            params["hidden"] = args.hidden
+        if args.epochs is not None:
+            params["epochs"] = args.epochs
+    return params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headstart",
+        description="Turn a folder of images into an image classifier by transfer learning from a "
+                    "pre-trained network: frozen backbone -> cached features -> trained head.",
+        epilog="Start with 'headstart demo'. Data layouts: ROOT/<class>/<image>, ROOT/{train,val}/<class>/<image>, "
+               "or a CSV with columns path,label.",
+    )
+    parser.add_argument("--version", action="version", version=f"headstart {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a classifier head on a frozen backbone's cached features",
+                       description="Extract (or reuse cached) backbone features and train a head; save the run.")
+    p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest (path,label)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear",
+                   help="linear = softmax regression (default); mlp = one hidden layer")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="L2 penalty of the head (default: 1/n for linear, 1e-2 for mlp)")
+    p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
+                   help="weight classes inversely to their frequency (default: none)")
+    p.add_argument("--hidden", type=int, default=None, help="mlp head: hidden width (default 512)")
+    p.add_argument("--epochs", type=int, default=None, help="mlp head: epochs (default 60)")
+    p.add_argument("--val-split", type=float, default=0.2,
+                   help="fraction of each class held out for validation when DATA has no val/ folder "
+                        "(default: %(default)s; 0 = none)")
+    p.add_argument("--cv", type=int, default=0, help="also report k-fold cross-validated accuracy (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and head (default: 0)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
+    p.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy and per-class metrics of a run on labelled data")
+    p.add_argument("run", help="run folder written by 'headstart train'")
+    p.add_argument("data", help="labelled data (a train/+val/ tree is evaluated on val/)")
+    p.add_argument("--weights", default=None, help="weights file, if the run was trained from one that moved")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_common(p, backbone=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files or folders with a run")
+    p.add_argument("run", help="run folder written by 'headstart train'")
+    p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=1, help="how many classes to list per image (default: 1)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    p.add_argument("--weights", default=None, help="weights file, if the run was trained from one that moved")
+    _add_common(p, backbone=False)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("features", help="pre-compute and cache backbone features only")
+    p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_common(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("backbones", help="list timm backbones and whether their weights are installed")
+    p.add_argument("pattern", nargs="?", default="*", help="wildcard pattern, e.g. 'efficientnet*' (default: all)")
+    p.add_argument("--installed", action="store_true", help="only backbones whose weights are on this machine")
+    p.add_argument("--json", action="store_true", help="print a JSON list on stdout")
+    p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("demo", help="the whole recipe on real photos that ship with scikit-image, offline")
+    p.add_argument("--out", default="headstart-demo", help="folder for the demo images and run (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    _add_common(p, backbone=False)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import TrainConfig, train
+
+    config = TrainConfig(backbone=args.backbone, weights=args.weights, head=args.head, head_params=_head_params(args),
+                         val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
+                         batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir)
+    run = train(args.data, args.out, config, progress=not args.quiet)
+    summary = {"run": str(run.path), "class_names": run.class_names, **run.metrics}
+    if args.json:
+        _print_json(summary)
+    else:
+        val = run.metrics.get("val", {})
+        line = f"run saved to {run.path}"
+        if val:
+            line += f"; validation accuracy {val['accuracy']:.4f} on {val['n_images']} images"
+        if "cv" in run.metrics:
+            line += f"; {run.metrics['cv']['folds']}-fold CV accuracy {run.metrics['cv']['accuracy']:.4f}"
+        print(line)
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import evaluate
+
+    result = evaluate(args.run, args.data, weights=args.weights, cache_dir=args.cache_dir,
+                      batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    print(f"accuracy {result['accuracy']:.4f} on {result['n_images']} images ({result['seconds']:.1f}s)")
+    rows = [[name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+            for name, m in result["per_class"].items()]
+    print(_table(rows, ["class", "precision", "recall", "f1", "support"]))
+    names = result["class_names"]
+    print("confusion matrix (rows = true, columns = predicted):")
+    print(_table([[n, *map(str, r)] for n, r in zip(names, result["confusion_matrix"])], ["", *names]))
+    for bad in result["bad_files"]:
+        print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .api import predict
+
+    result = predict(args.run, args.paths, top_k=args.top_k, weights=args.weights, cache_dir=args.cache_dir,
+                     batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    preds = result["predictions"]
+    if args.format == "json":
+        _print_json(result)
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", *[f"{s}{i}" for i in range(1, args.top_k + 1) for s in ("label", "p")]])
+        for p in preds:
+            cells = [f"{v:.6f}" if isinstance(v, float) else v for pair in p["top_k"] for v in pair]
+            writer.writerow([p["path"], *cells])
+    else:
+        rows = [[p["path"], ", ".join(f"{label} {prob:.3f}" for label, prob in p["top_k"])] for p in preds]
+        print(_table(rows, ["path", "prediction"]))
+    for bad in result["bad_files"]:
+        print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from .api import extract
+
+    result = extract(args.data, backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
+                     precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
+                     progress=not args.quiet)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['n_images']} images: {result['n_computed']} computed, {result['n_cached']} from cache, "
+              f"{result['n_bad']} bad; {result['seconds']:.1f}s ({result['images_per_second']:.1f} img/s); "
+              f"cache {result['cache_dir']}")
+        for bad in result["bad_files"]:
+            print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+
+    rows = list_backbones(args.pattern)
+    if args.installed:
+        rows = [r for r in rows if r["weights"].startswith("installed")]
+    if args.json:
+        _print_json(rows)
+    elif not rows:
+        print(f"no backbone matches '{args.pattern}'", file=sys.stderr)
+    else:
+        print(_table([[r["name"], r["weights"]] for r in rows], ["backbone", "weights"]))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                       num_workers=args.workers, progress=not args.quiet)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(summary["text"])
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used as the console-script entry point)."""
+    from .errors import HeadstartError, UsageError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"headstart {args.command}: usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except HeadstartError as exc:
+        print(f"headstart {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"headstart {args.command}: interrupted; cached features are kept, re-run to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line for users; HEADSTART_DEBUG=1 shows the traceback
+        if os.environ.get("HEADSTART_DEBUG"):
+            raise
+        print(f"headstart {args.command}: failed: {type(exc).__name__}: {exc} "
+              "(set HEADSTART_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,65 @@
+"""The backbone's own preprocessing, shared by extraction, evaluation, prediction and TTA.
+
+Everything comes from the model's data config (timm ``resolve_data_config``): input size,
+resize interpolation, crop fraction and mode, mean and std. Nothing is an ImageNet constant.
+The exact settings, with the numeric precision the backbone runs in, form the *preprocessing
+signature* that is part of every feature-cache key.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import timm.data
+import torch
+
+#: Bump when the resize/crop code path changes in a way that changes pixel values.
+PREPROCESS_VERSION = "timm-pil-1"
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def eval_transform(data_config: dict[str, Any]):
+    """PIL RGB image -> normalised float tensor ``(3, H, W)``: resize, centre crop, normalise."""
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has AMX (or AVX512-BF16) units that make bf16 inference fast."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        capability = ""
+    if "AMX" in capability.upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``auto`` into the precision used on ``device``: bf16 on AMX CPUs and CUDA, else fp32."""
+    if precision not in PRECISIONS:
+        from .errors import UsageError
+
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}; got '{precision}'")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def preprocessing_signature(data_config: dict[str, Any], precision: str) -> dict[str, Any]:
+    """Everything about preprocessing and arithmetic that changes the feature values."""
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    sig = {k: (list(data_config[k]) if isinstance(data_config.get(k), tuple) else data_config.get(k)) for k in keys}
+    sig["precision"] = precision
+    sig["version"] = PREPROCESS_VERSION
+    return sig
