@@ -128,6 +128,8 @@ def train(
         known = sorted(TrainConfig.__dataclass_fields__)
         raise UsageError(f"unknown train option(s) {sorted(unknown)}; known: {known}")
     config = TrainConfig(**{**asdict(config), **overrides})
+    config.weights = str(config.weights)  # paths become strings so the config saves as JSON
+    config.cache_dir = None if config.cache_dir is None else str(config.cache_dir)
     make_head(config.head, **config.head_params)  # fail on a bad head setting before any heavy work
     start = time.perf_counter()
     loaded: LoadedData = load_images(data, val_split=config.val_split, seed=config.seed)

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
                    help="weight classes inversely to their frequency (default: none)")
     p.add_argument("--hidden", type=int, default=None, help="mlp head: hidden width (default 512)")
-    p.add_argument("--epochs", type=int, default=None, help="mlp head: epochs (default 60)")
+    p.add_argument("--epochs", type=int, default=None, help="mlp head: epochs (default: enough for ~600 steps)")
     p.add_argument("--val-split", type=float, default=0.2,
                    help="fraction of each class held out for validation when DATA has no val/ folder "
                         "(default: %(default)s; 0 = none)")

@@ -124,7 +124,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             scale = 255.0 / (high - low) if high > low else 0.0
             array = (array - low) * scale
         gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode

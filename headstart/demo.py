@@ -30,7 +30,7 @@ def write_demo_images(folder: str | os.PathLike[str]) -> Path:
         path = folder / label / f"{label}_{i % half:03d}.png"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.round(image * 255).astype(np.uint8), mode="L").save(path)
+            Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path)
     return folder
 
 

@@ -203,7 +203,9 @@ class MLPHead(_Head):
         dropout: dropout before the output layer.
         weight_decay: AdamW weight decay.
         lr: peak learning rate of the cosine schedule.
-        epochs: passes over the data; batch_size: rows per step.
+        epochs: passes over the data; ``None`` picks enough for about 600 optimiser steps
+            (at least 30 epochs), so small data sets are not under-trained.
+        batch_size: rows per step.
         class_weight: ``None``, ``"balanced"`` or a dict class -> weight.
         seed: initialisation and shuffling seed.
     """
@@ -212,7 +214,7 @@ class MLPHead(_Head):
     _param_names = ("hidden", "dropout", "weight_decay", "lr", "epochs", "batch_size", "class_weight", "seed")
 
     def __init__(self, hidden: int = 512, dropout: float = 0.3, weight_decay: float = 1e-2, lr: float = 1e-3,
-                 epochs: int = 60, batch_size: int = 64, class_weight: Any = None, seed: int = 0) -> None:
+                 epochs: int | None = None, batch_size: int = 64, class_weight: Any = None, seed: int = 0) -> None:
         self.hidden = hidden
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -228,6 +230,8 @@ class MLPHead(_Head):
 
     def fit(self, X: Any, y: Any) -> MLPHead:
         for name in ("hidden", "epochs", "batch_size"):
+            if name == "epochs" and self.epochs is None:
+                continue
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise UsageError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         if not 0 <= self.dropout < 1:
@@ -244,13 +248,14 @@ class MLPHead(_Head):
         cw = torch.from_numpy(_class_weights(target, k, self.class_weight, self.classes_)).float()
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = math.ceil(len(X) / self.batch_size)
-        total = self.epochs * steps_per_epoch
+        epochs = self.epochs if self.epochs is not None else max(30, math.ceil(600 / steps_per_epoch))
+        total = epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         module.train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            for _ in range(self.epochs):
+            for _ in range(epochs):
                 perm = torch.randperm(len(X), generator=generator)
                 for start in range(0, len(X), self.batch_size):
                     idx = perm[start:start + self.batch_size]

@@ -1,0 +1,191 @@
+"""CLI and API end to end on tiny generated images: train, evaluate --json, predict, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import make_image, make_tree
+
+import headstart
+from headstart.cli import main
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def trained(tree, tmp_path, cli):
+    out = tmp_path / "run"
+    code, stdout, err = cli("train", tree, "--out", out, "--cache-dir", tmp_path / "c", "--workers", "0",
+                            "--val-split", "0.34", "--quiet")
+    assert code == 0, err
+    return out
+
+
+def test_train_writes_a_complete_run(trained, tree):
+    names = {p.name for p in trained.iterdir()}
+    assert {"run.json", "head.safetensors", "head.safetensors.json", "metrics.json", "bad_files.json"} <= names
+    info = json.loads((trained / "run.json").read_text())
+    assert info["class_names"] == ["blue", "red"]
+    assert info["backbone"]["name"] == "tf_efficientnet_lite0"
+    assert len(info["backbone"]["weights_digest"]) == 64
+    assert info["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] == 1.0 and metrics["val"]["n_images"] == 4
+
+
+def test_evaluate_json_shape(trained, tree, tmp_path, cli):
+    code, out, _ = cli("evaluate", trained, tree, "--json", "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
+    assert code == 0
+    result = json.loads(out)  # exactly one JSON object on stdout
+    for key in ("accuracy", "n_images", "per_class", "confusion_matrix", "class_names", "seconds"):
+        assert key in result
+    assert result["n_images"] == 12 and result["accuracy"] == 1.0
+    assert set(result["per_class"]["red"]) == {"precision", "recall", "f1", "support"}
+    assert np.array(result["confusion_matrix"]).sum() == 12
+
+
+def test_evaluate_human_output(trained, tree, tmp_path, cli):
+    code, out, _ = cli("evaluate", trained, tree, "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
+    assert code == 0 and out.startswith("accuracy 1.0000 on 12 images") and "confusion matrix" in out
+
+
+def test_predict_formats(trained, tree, tmp_path, cli):
+    common = ["--cache-dir", tmp_path / "c", "--workers", "0", "-q"]
+    code, out, _ = cli("predict", trained, tree / "red", tree / "blue" / "blue_0.png", "--top-k", "2",
+                       "--format", "json", *common)
+    assert code == 0
+    preds = json.loads(out)["predictions"]
+    assert len(preds) == 7
+    assert all(p["label"] == ("red" if "/red/" in p["path"] else "blue") for p in preds)
+    assert all(len(p["top_k"]) == 2 and p["top_k"][0][1] >= p["top_k"][1][1] for p in preds)
+    code, out, _ = cli("predict", trained, tree / "red", "--format", "csv", *common)
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["path", "label1", "p1"] and len(rows) == 7
+    code, out, _ = cli("predict", trained, tree / "red" / "red_1.png", *common)
+    assert code == 0 and "red" in out.splitlines()[1]
+
+
+def test_predict_reports_bad_files(trained, tmp_path, cli):
+    folder = tmp_path / "mixed"
+    make_image(folder / "ok.png", (200, 20, 20))
+    (folder / "broken.jpg").write_text("nope")
+    code, out, err = cli("predict", trained, folder, "--format", "json", "--cache-dir", tmp_path / "c",
+                         "--workers", "0", "-q")
+    result = json.loads(out)
+    assert code == 0 and len(result["predictions"]) == 1
+    assert result["bad_files"][0]["path"].endswith("broken.jpg")
+    assert "broken.jpg" in err
+
+
+def test_features_command_and_warm_rerun(tree, tmp_path, cli):
+    args = ["features", tree, "--cache-dir", tmp_path / "c", "--workers", "0", "--json", "-q"]
+    code, out, _ = cli(*args)
+    assert code == 0 and json.loads(out)["n_computed"] == 12
+    code, out, _ = cli(*args)
+    assert json.loads(out)["n_computed"] == 0 and json.loads(out)["n_cached"] == 12
+
+
+def test_train_with_other_head_settings_reuses_features(tree, tmp_path, cli):
+    base = ["train", tree, "--cache-dir", tmp_path / "c", "--workers", "0", "-q", "--json"]
+    code, out, _ = cli(*base, "--out", tmp_path / "r1")
+    assert code == 0 and json.loads(out)["features"]["n_computed"] == 12
+    code, out, _ = cli(*base, "--out", tmp_path / "r2", "--head", "mlp", "--hidden", "16", "--epochs", "3")
+    assert code == 0 and json.loads(out)["features"]["n_computed"] == 0
+
+
+def test_train_cv(tree, tmp_path, cli):
+    code, out, _ = cli("train", tree, "--out", tmp_path / "r", "--cv", "3", "--val-split", "0",
+                       "--cache-dir", tmp_path / "c", "--workers", "0", "-q", "--json")
+    assert code == 0
+    cv = json.loads(out)["cv"]
+    assert cv["folds"] == 3 and len(cv["fold_accuracy"]) == 3 and cv["accuracy"] == 1.0
+
+
+def test_backbones_command(cli):
+    code, out, _ = cli("backbones", "tf_efficientnet_lite*", "--json")
+    assert code == 0 and any(r["name"] == "tf_efficientnet_lite0" for r in json.loads(out))
+    code, out, _ = cli("backbones", "tf_efficientnet_lite*", "--installed")
+    assert "tf_efficientnet_lite0" in out and "lite4" not in out
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (["train", "{missing}", "--out", "{tmp}/r"], 1, "does not exist"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--val-split", "1.5"], 2, "val_split"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--backbone", "resnet5O"], 1, "did you mean 'resnet50'"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--head", "forest"], 2, "invalid choice"),
+    (["train", "{tree}"], 2, "--out"),
+    (["evaluate", "{tmp}/no-run", "{tree}"], 1, "does not exist"),
+    (["predict", "{tmp}/no-run", "{tree}"], 1, "does not exist"),
+    (["predict", "{tmp}/no-run", "{tree}", "--top-k", "x"], 2, "invalid int value"),
+])
+def test_exit_codes(tree, tmp_path, capsys, argv, code, message):
+    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path, tree=tree) for a in argv]
+    try:
+        got = main([*argv, "-q", "--cache-dir", str(tmp_path / "c")])
+    except SystemExit as exc:  # argparse's own usage errors
+        got = exc.code
+    err = capsys.readouterr().err
+    assert got == code and message in err
+    if code == 1:
+        assert len(err.strip().splitlines()) == 1  # a one-line reason, no traceback
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage: headstart" in capsys.readouterr().err
+
+
+def test_out_folder_that_is_not_a_run_is_protected(tree, tmp_path, cli):
+    out = tmp_path / "precious"
+    make_image(out / "photo.png", (1, 1, 1))
+    code, _, err = cli("train", tree, "--out", out, "-q", "--cache-dir", tmp_path / "c", "--workers", "0")
+    assert code == 1 and "not a headstart run" in err and (out / "photo.png").exists()
+
+
+def test_python_api_mirrors_cli(tree, tmp_path):
+    run = headstart.train(tree, tmp_path / "run", cache_dir=tmp_path / "c", num_workers=0, progress=False,
+                          val_split=0.34)
+    assert run.class_names == ["blue", "red"]
+    result = headstart.evaluate(tmp_path / "run", tree, cache_dir=tmp_path / "c", num_workers=0, progress=False)
+    assert result["accuracy"] == 1.0
+    preds = headstart.predict(tmp_path / "run", [tree / "red"], cache_dir=tmp_path / "c", num_workers=0,
+                              progress=False)["predictions"]
+    assert {p["label"] for p in preds} == {"red"}
+    with pytest.raises(headstart.UsageError, match="unknown train option"):
+        headstart.train(tree, tmp_path / "r2", colour="blue")
+
+
+def test_evaluate_refuses_unknown_classes(trained, tmp_path):
+    other = make_tree(tmp_path / "other", per_class=1, classes=("red", "green"))
+    with pytest.raises(headstart.DataError, match="green"):
+        headstart.evaluate(trained, other, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_evaluate_refuses_other_weights(trained, tree, tmp_path, backbone):
+    import torch
+
+    path = tmp_path / "other.pth"
+    state = {k: (v + 1 if v.is_floating_point() else v) for k, v in backbone.model.state_dict().items()}
+    torch.save(state, path)
+    with pytest.raises(headstart.RunError, match="digest"):
+        headstart.evaluate(trained, tree, weights=str(path), cache_dir=tmp_path / "c", progress=False)
+
+
+def test_class_left_without_usable_images(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=3, classes=("red",))
+    for i in range(2):
+        (root / "blue").mkdir(exist_ok=True)
+        (root / "blue" / f"b{i}.jpg").write_bytes(b"")
+    with pytest.raises(headstart.DataError, match=r"\['blue'\] have no usable training image"):
+        headstart.train(root, tmp_path / "r", cache_dir=tmp_path / "c", num_workers=0, progress=False, val_split=0)

@@ -1,0 +1,251 @@
+"""Data discovery, decoding of every image mode, bad inputs, and the stratified split."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import make_image, make_tree, truncated_jpeg
+from PIL import Image
+
+from headstart.data import (
+    ImageDecodeError,
+    decode_image,
+    list_image_paths,
+    load_images,
+    stratified_split,
+)
+from headstart.errors import DataError, DataNotFoundError, HeadstartError, UsageError
+
+
+# ------------------------------------------------------------------------------------------- layouts
+
+
+def test_class_folders_layout(tree):
+    data = load_images(tree, val_split=0)
+    assert data.layout == "class-folders"
+    assert data.train.class_names == ["blue", "red"]
+    assert len(data.train) == 12 and data.val is None
+    assert data.train.class_counts() == {"blue": 6, "red": 6}
+    for path, label in zip(data.train.paths, data.train.labels):
+        assert path.parent.name == data.train.class_names[label]
+
+
+def test_class_folders_are_searched_recursively(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=2)
+    make_image(root / "red" / "nested" / "deep.png", (200, 0, 0))
+    data = load_images(root, val_split=0)
+    assert data.train.class_counts() == {"blue": 2, "red": 3}
+
+
+def test_train_val_layout(tmp_path):
+    make_tree(tmp_path / "d" / "train", per_class=4)
+    make_tree(tmp_path / "d" / "val", per_class=2)
+    data = load_images(tmp_path / "d", val_split=0.5)
+    assert data.layout == "train-val" and data.val_from == "folder"
+    assert len(data.train) == 8 and len(data.val) == 4
+    assert data.val.class_names == data.train.class_names
+    for path, label in zip(data.val.paths, data.val.labels):
+        assert path.parent.name == data.val.class_names[label]
+
+
+def test_train_val_layout_accepts_test_folder_and_subset_of_classes(tmp_path):
+    make_tree(tmp_path / "d" / "train", per_class=3, classes=("red", "blue", "green"))
+    make_tree(tmp_path / "d" / "test", per_class=1, classes=("green",))
+    data = load_images(tmp_path / "d")
+    assert data.train.class_names == ["blue", "green", "red"]
+    assert [data.val.class_names[i] for i in data.val.labels] == ["green"]
+
+
+def test_val_folder_with_unknown_class_is_refused(tmp_path):
+    make_tree(tmp_path / "d" / "train", per_class=2)
+    make_tree(tmp_path / "d" / "val", per_class=1, classes=("green",))
+    with pytest.raises(DataError, match="green"):
+        load_images(tmp_path / "d")
+
+
+def test_csv_manifest(tmp_path):
+    make_tree(tmp_path / "imgs", per_class=3)
+    rows = ["path,label"] + [f"imgs/{c}/{c}_{i}.png,{c.upper()}" for c in ("red", "blue") for i in range(3)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = load_images(tmp_path / "labels.csv", val_split=0)
+    assert data.layout == "csv"
+    assert data.train.class_names == ["BLUE", "RED"]
+    assert len(data.train) == 6
+
+
+def test_csv_missing_file_is_reported_not_fatal(tmp_path):
+    make_tree(tmp_path / "imgs", per_class=2)
+    rows = ["path,label", "imgs/red/red_0.png,red", "imgs/blue/blue_0.png,blue", "imgs/nope.png,red"]
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    data = load_images(tmp_path / "m.csv", val_split=0)
+    assert len(data.train) == 2
+    assert [b.reason for b in data.bad_files] == ["file not found (listed in the CSV)"]
+    assert data.bad_files[0].path.endswith("nope.png")
+
+
+def test_csv_path_escaping_its_folder_is_refused(tmp_path):
+    make_image(tmp_path / "outside.png", (1, 2, 3))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.csv").write_text("path,label\n../outside.png,a\n../outside.png,b\n")
+    with pytest.raises(DataError, match="outside the CSV's folder"):
+        load_images(tmp_path / "sub" / "m.csv")
+
+
+def test_csv_missing_columns(tmp_path):
+    (tmp_path / "m.csv").write_text("file,class\na.png,x\n")
+    with pytest.raises(DataError, match="needs the columns 'path' and 'label'") as info:
+        load_images(tmp_path / "m.csv")
+    assert "'path'" in str(info.value) and "found ['file', 'class']" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataNotFoundError, match="does not exist") as info:
+        load_images(tmp_path / "nowhere")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, HeadstartError)
+
+
+def test_fewer_than_two_classes(tmp_path):
+    make_tree(tmp_path / "d", classes=("red",))
+    with pytest.raises(DataError, match="at least 2 classes to train a classifier; found only 'red'"):
+        load_images(tmp_path / "d")
+
+
+def test_class_without_images(tmp_path):
+    root = make_tree(tmp_path / "d")
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match="'empty'.*hold no image"):
+        load_images(root)
+
+
+def test_unknown_extensions_only(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        (tmp_path / "d" / c / "x.foo").write_text("x")
+        (tmp_path / "d" / c / "y.bar").write_text("y")
+    with pytest.raises(DataError, match=r"none with an image extension \(got \.bar, \.foo"):
+        load_images(tmp_path / "d")
+
+
+def test_non_image_files_are_reported(tree):
+    (tree / "red" / "notes.txt").write_text("hello")
+    data = load_images(tree, val_split=0)
+    assert len(data.train) == 12
+    assert any(b.path.endswith("notes.txt") and "not an image extension" in b.reason for b in data.bad_files)
+
+
+def test_bad_val_split(tree):
+    with pytest.raises(UsageError, match="val_split"):
+        load_images(tree, val_split=1.5)
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"])
+def test_decode_any_mode_to_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))
+    else:
+        img = rgb.convert(mode)
+    ext = {"CMYK": "tif", "I;16": "png", "I": "tif", "F": "tif", "LA": "png", "RGBA": "png"}.get(mode, "png")
+    path = tmp_path / f"img.{ext}"
+    img.save(path)
+    out = decode_image(path)
+    assert out.mode == "RGB" and out.size == (30, 20)
+
+
+def test_decode_16_bit_uses_full_range(tmp_path):
+    img = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))
+    img.save(tmp_path / "deep.png")
+    arr = np.asarray(decode_image(tmp_path / "deep.png"))
+    assert arr.min() == 0 and arr.max() == 255  # not clipped to white
+
+
+def test_decode_transparent_palette_composites_on_white(tmp_path):
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([0, 0, 0] * 256)
+    img.info["transparency"] = 0
+    img.save(tmp_path / "t.png", transparency=0)
+    assert np.asarray(decode_image(tmp_path / "t.png")).min() == 255
+
+
+def test_decode_applies_exif_orientation(tmp_path):
+    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert decode_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def test_decode_first_frame_of_gif(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert decode_image(tmp_path / "a.gif").size == (8, 8)
+
+
+@pytest.mark.parametrize("kind", ["zero-byte", "truncated", "text"])
+def test_decode_bad_files_raise_with_reason(tmp_path, kind):
+    path = tmp_path / "bad.jpg"
+    if kind == "zero-byte":
+        path.write_bytes(b"")
+        reason = "empty file"
+    elif kind == "truncated":
+        truncated_jpeg(path)
+        reason = "cannot decode"
+    else:
+        path.write_text("this is not a picture")
+        reason = "cannot decode"
+    with pytest.raises(ImageDecodeError, match=reason) as info:
+        decode_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_decode_missing_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        decode_image(tmp_path / "missing.png")
+
+
+def test_decode_does_not_leak_bytes_io(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 5)).save(buffer, "PNG")
+    (tmp_path / "x.png").write_bytes(buffer.getvalue())
+    assert decode_image(tmp_path / "x.png").size == (5, 5)
+
+
+# ------------------------------------------------------------------------------------------- split
+
+
+def test_stratified_split_is_seeded_and_stratified():
+    labels = np.repeat([0, 1, 2], [10, 20, 3])
+    tr1, va1 = stratified_split(labels, 0.2, seed=1)
+    tr2, va2 = stratified_split(labels, 0.2, seed=1)
+    _, va3 = stratified_split(labels, 0.2, seed=2)
+    assert np.array_equal(va1, va2) and not np.array_equal(va1, va3)
+    assert set(tr1) | set(va1) == set(range(len(labels))) and not set(tr1) & set(va1)
+    assert np.bincount(labels[va1]).tolist() == [2, 4, 1]
+
+
+def test_split_keeps_an_image_on_each_side_of_small_classes():
+    labels = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    train, val = stratified_split(labels, 0.9)
+    assert 0 in labels[train] and 0 in labels[val]
+
+
+def test_load_images_split(tree):
+    data = load_images(tree, val_split=0.5, seed=0)
+    assert len(data.train) == 6 and len(data.val) == 6 and data.val_from == "split"
+    assert sorted(map(str, data.train.paths + data.val.paths)) == sorted(map(str, load_images(tree, val_split=0).train.paths))
+
+
+def test_list_image_paths(tree):
+    (tree / "red" / "x.txt").write_text("")
+    paths, bad = list_image_paths([tree / "red", tree / "blue" / "blue_0.png"])
+    assert len(paths) == 7 and len(bad) == 1
+    with pytest.raises(DataNotFoundError):
+        list_image_paths([tree / "nope"])

@@ -1,0 +1,163 @@
+"""Feature extraction through the cache: hits, misses, invalidation, resume, bad files."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_image, make_tree, truncated_jpeg
+
+from headstart import features as feat
+from headstart.backbones import create_backbone
+from headstart.cache import FeatureCache
+from headstart.features import extract_features
+
+
+def _paths(root):
+    return sorted(root.rglob("*.png"))
+
+
+def _extract(backbone, paths, cache, **kw):
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("progress", False)
+    kw.setdefault("batch_size", 4)
+    return extract_features(backbone, paths, cache=cache, **kw)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Count backbone forwards (images) by wrapping the one function that runs the model."""
+    calls = {"images": 0}
+    real = feat.forward_batches
+
+    def wrapper(backbone, batch, device, precision):
+        calls["images"] += len(batch)
+        return real(backbone, batch, device, precision)
+
+    monkeypatch.setattr(feat, "forward_batches", wrapper)
+    return calls
+
+
+def test_second_run_does_no_forward(tree, backbone, cache, counting):
+    first = _extract(backbone, _paths(tree), cache)
+    assert first.n_computed == 12 and counting["images"] == 12 and first.ok.all()
+    second = _extract(backbone, _paths(tree), cache)
+    assert second.n_computed == 0 and second.n_cached == 12 and counting["images"] == 12
+    np.testing.assert_array_equal(first.features, second.features)
+
+
+def test_cached_rows_match_a_fresh_forward(tree, backbone, cache):
+    cached = _extract(backbone, _paths(tree), cache)
+    with FeatureCache(cache.root / "other", dtype="float32") as fresh_cache:
+        fresh = _extract(backbone, _paths(tree), fresh_cache)
+    # float16 storage: relative error well under 1e-2 of the feature scale
+    assert np.abs(cached.features - fresh.features).max() <= 1e-2 * np.abs(fresh.features).max()
+
+
+def test_adding_images_computes_only_those(tree, backbone, cache, counting):
+    _extract(backbone, _paths(tree), cache)
+    for i in range(3):
+        make_image(tree / "red" / f"new_{i}.png", (200, 10, 10), seed=500 + i)
+    result = _extract(backbone, _paths(tree), cache)
+    assert result.n_computed == 3 and result.n_cached == 12 and counting["images"] == 15
+
+
+def test_renamed_or_moved_file_still_hits(tree, backbone, cache, counting, tmp_path):
+    _extract(backbone, _paths(tree), cache)
+    moved = tmp_path / "moved"
+    shutil.copytree(tree, moved)
+    (moved / "red" / "red_0.png").rename(moved / "red" / "renamed.png")
+    result = _extract(backbone, _paths(moved), cache)
+    assert result.n_computed == 0 and counting["images"] == 12
+
+
+def test_changed_image_bytes_invalidate(tree, backbone, cache, counting):
+    before = _extract(backbone, _paths(tree), cache)
+    target = tree / "red" / "red_0.png"
+    make_image(target, (10, 200, 10), seed=99)  # same path, new content
+    after = _extract(backbone, _paths(tree), cache)
+    assert after.n_computed == 1
+    index = _paths(tree).index(target)
+    assert not np.allclose(before.features[index], after.features[index])
+
+
+def test_changed_weights_invalidate(tree, backbone, cache, counting):
+    _extract(backbone, _paths(tree), cache)
+    other = create_backbone("tf_efficientnet_lite0", weights="random")
+    result = _extract(other, _paths(tree), cache)
+    assert result.n_computed == 12 and result.model_key != _extract(backbone, _paths(tree), cache).model_key
+
+
+def test_changed_preprocessing_invalidates(tree, backbone, cache):
+    a = _extract(backbone, _paths(tree), cache, precision="fp32")
+    b = _extract(backbone, _paths(tree), cache, precision="bf16")
+    assert a.model_key != b.model_key and b.n_computed == 12
+
+
+def test_duplicate_contents_are_computed_once(tmp_path, backbone, cache, counting):
+    a = make_image(tmp_path / "a.png", (1, 2, 3))
+    b = tmp_path / "b.png"
+    shutil.copy(a, b)
+    result = _extract(backbone, [a, b], cache)
+    assert result.n_computed == 1 and counting["images"] == 1
+    np.testing.assert_array_equal(result.features[0], result.features[1])
+
+
+def test_resume_after_interrupted_extraction(tmp_path, backbone, cache, monkeypatch):
+    root = make_tree(tmp_path / "d", per_class=8)
+    paths = _paths(root)
+    real = feat.forward_batches
+    seen = {"batches": 0}
+
+    def dies_on_third_batch(*args):
+        seen["batches"] += 1
+        if seen["batches"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(feat, "forward_batches", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(backbone, paths, cache, batch_size=4, flush_every=100)
+    monkeypatch.setattr(feat, "forward_batches", real)
+    # the two finished batches were flushed on the way out, though flush_every was not reached
+    resumed = _extract(backbone, paths, cache, batch_size=4)
+    assert resumed.n_cached == 8 and resumed.n_computed == 8 and resumed.ok.all()
+    with FeatureCache(tmp_path / "clean") as clean:
+        uninterrupted = _extract(backbone, paths, clean, batch_size=4)
+    np.testing.assert_array_equal(resumed.features, uninterrupted.features)
+
+
+def test_no_half_written_shard_is_visible(tree, backbone, cache):
+    _extract(backbone, _paths(tree), cache)
+    assert not list((cache.root / "shards").rglob("*.tmp"))
+    for shard in (cache.root / "shards").rglob("*.npy"):
+        np.load(shard)  # every shard the index can point at is complete
+
+
+def test_bad_files_are_reported_and_skipped(tree, backbone, cache):
+    (tree / "red" / "empty.png").write_bytes(b"")
+    truncated_jpeg(tree / "blue" / "cut.jpg")
+    (tree / "blue" / "text.jpg").write_text("not an image")
+    paths = sorted(p for p in tree.rglob("*") if p.is_file())
+    result = _extract(backbone, paths, cache)
+    bad = {p.split("/")[-1]: r for p, r in ((b.path, b.reason) for b in result.bad_files)}
+    assert set(bad) == {"empty.png", "cut.jpg", "text.jpg"}
+    assert "empty file" in bad["empty.png"] and "cannot decode" in bad["cut.jpg"]
+    assert result.ok.sum() == 12 and not result.ok[[paths.index(tree / "red" / "empty.png")]].any()
+    again = _extract(backbone, paths, cache)  # failures are remembered: no new decode attempt needed
+    assert again.n_computed == 0 and {b.path for b in again.bad_files} == {b.path for b in result.bad_files}
+
+
+def test_unreadable_path_is_reported(tmp_path, backbone, cache):
+    good = make_image(tmp_path / "a.png", (1, 2, 3))
+    result = _extract(backbone, [good, tmp_path / "gone.png"], cache)
+    assert result.ok.tolist() == [True, False]
+    assert "cannot read file" in result.bad_files[0].reason
+
+
+def test_worker_processes_give_the_same_features(tree, backbone, tmp_path):
+    with FeatureCache(tmp_path / "c0") as c0, FeatureCache(tmp_path / "c2") as c2:
+        a = _extract(backbone, _paths(tree), c0, num_workers=0)
+        b = _extract(backbone, _paths(tree), c2, num_workers=2)
+    np.testing.assert_array_equal(a.features, b.features)

@@ -1,0 +1,142 @@
+"""Heads: the scikit-learn contract, learning, class weights, save/load round trip without pickle."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from headstart.errors import NotFittedError, RunError, UsageError
+from headstart.heads import LinearHead, MLPHead, load_head, make_head
+
+HEADS = [LinearHead, lambda: MLPHead(hidden=32)]
+
+
+def blobs(n=60, d=16, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (k, d))
+    y = np.repeat(np.arange(k), n // k)
+    x = centers[y] + rng.normal(0, 1, (len(y), d))
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("make", HEADS)
+def test_fit_predict_contract(make):
+    x, y = blobs()
+    head = make()
+    assert head.fit(x, y) is head
+    assert list(head.classes_) == [0, 1, 2]
+    proba = head.predict_proba(x)
+    assert proba.shape == (60, 3)
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-6)
+    assert head.score(x, y) > 0.9
+    assert set(head.predict(x)) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("make", HEADS)
+def test_string_labels(make):
+    x, y = blobs()
+    names = np.array(["ant", "bee", "wasp"])[y]
+    head = make().fit(x, names)
+    assert list(head.classes_) == ["ant", "bee", "wasp"]
+    assert head.predict(x[:1])[0] in {"ant", "bee", "wasp"}
+
+
+@pytest.mark.parametrize("make", HEADS)
+def test_unfitted_head_says_to_fit(make):
+    with pytest.raises(NotFittedError, match="call fit"):
+        make().predict_proba(np.zeros((1, 4)))
+
+
+def test_init_only_stores_params():
+    head = LinearHead(weight_decay=-5)  # no validation before fit, as in scikit-learn
+    assert head.get_params()["weight_decay"] == -5
+    with pytest.raises(UsageError, match="weight_decay"):
+        head.fit(*blobs())
+
+
+@pytest.mark.parametrize("bad", [
+    (np.zeros((3, 2)), np.array([0, 1])),
+    (np.zeros(3), np.array([0, 1, 0])),
+    (np.zeros((3, 2)), np.array([1, 1, 1])),
+    (np.full((2, 2), np.nan), np.array([0, 1])),
+])
+def test_bad_inputs(bad):
+    with pytest.raises(UsageError):
+        LinearHead().fit(*bad)
+
+
+def test_predict_with_wrong_width():
+    head = LinearHead().fit(*blobs())
+    with pytest.raises(UsageError, match=r"shape \(n, 16\)"):
+        head.predict(np.zeros((2, 5)))
+
+
+def test_weight_decay_shrinks_weights():
+    x, y = blobs()
+    small = LinearHead(weight_decay=1e-4).fit(x, y).module_[1].weight.norm()
+    large = LinearHead(weight_decay=1.0).fit(x, y).module_[1].weight.norm()
+    assert large < small
+
+
+def test_matches_scikit_learn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(n=90, seed=3)
+    ours = LinearHead().fit(x, y).predict_proba(x)  # weight_decay 1/n == sklearn's C=1
+    theirs = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(x, y).predict_proba(x)
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)
+
+
+def test_balanced_class_weight_helps_the_rare_class():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (95, 2)), rng.normal(1.5, 1, (5, 2))]).astype(np.float32)
+    y = np.array([0] * 95 + [1] * 5)
+    plain = LinearHead().fit(x, y).predict(x)
+    balanced = LinearHead(class_weight="balanced").fit(x, y).predict(x)
+    assert (balanced[y == 1] == 1).sum() > (plain[y == 1] == 1).sum()
+    with pytest.raises(UsageError, match="class_weight"):
+        LinearHead(class_weight="often").fit(x, y)
+
+
+def test_mlp_is_seeded():
+    x, y = blobs()
+    a = MLPHead(epochs=5, hidden=16, seed=1).fit(x, y).predict_proba(x)
+    b = MLPHead(epochs=5, hidden=16, seed=1).fit(x, y).predict_proba(x)
+    c = MLPHead(epochs=5, hidden=16, seed=2).fit(x, y).predict_proba(x)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("make", [LinearHead, lambda: LinearHead(standardize=True, class_weight="balanced"),
+                                  lambda: MLPHead(epochs=5, hidden=8)])
+def test_save_load_round_trip_is_exact(tmp_path, make):
+    x, y = blobs()
+    head = make().fit(x, np.array(["a", "b", "c"])[y])
+    head.save(tmp_path / "head.safetensors")
+    meta = json.loads((tmp_path / "head.safetensors.json").read_text())
+    assert meta["classes"] == ["a", "b", "c"]
+    raw = (tmp_path / "head.safetensors").read_bytes()
+    assert not raw.startswith(b"\x80")  # not a pickle
+    loaded = load_head(tmp_path / "head.safetensors")
+    np.testing.assert_array_equal(loaded.predict_proba(x), head.predict_proba(x))
+    assert list(loaded.classes_) == ["a", "b", "c"]
+    assert loaded.get_params() == head.get_params()
+
+
+def test_pickle_round_trip_of_params():
+    head = pickle.loads(pickle.dumps(LinearHead(weight_decay=0.1)))
+    assert head.weight_decay == 0.1
+
+
+def test_load_missing_head(tmp_path):
+    with pytest.raises(RunError, match="missing"):
+        load_head(tmp_path / "none.safetensors")
+
+
+def test_make_head():
+    assert isinstance(make_head("mlp", hidden=4), MLPHead)
+    with pytest.raises(UsageError, match="linear, mlp"):
+        make_head("forest")
