@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
@@ -73,8 +72,8 @@ def extract(
     """Pre-compute and cache the features of every image in ``data`` (``headstart features``)."""
     loaded = load_images(data, val_split=0)  # a train/ + val/ tree still yields both parts
     paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
-    bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
     with _open_cache(cache_dir) as cache:
+        bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights, memo=cache)
         result = extract_features(bb, paths, cache=cache, precision=precision, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress)
         root = str(cache.root)
@@ -94,6 +93,8 @@ def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[s
     if config.cv < 2 or smallest < config.cv:
         raise UsageError(f"--cv {config.cv} needs >= 2 folds and at least {config.cv} usable images in every "
                          f"class (the smallest class has {smallest}); lower --cv")
+    from sklearn.model_selection import StratifiedKFold
+
     folds = StratifiedKFold(config.cv, shuffle=True, random_state=config.seed).split(x, y)
     scores = []
     for train_idx, test_idx in folds:
@@ -133,11 +134,11 @@ def train(
     make_head(config.head, **config.head_params)  # fail on a bad head setting before any heavy work
     start = time.perf_counter()
     loaded: LoadedData = load_images(data, val_split=config.val_split, seed=config.seed)
-    bb = create_backbone(config.backbone, config.weights)
-    _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
-                   f"input {bb.data_config['input_size'][1]}px; frozen: all layers (head-only training)")
     all_paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
     with _open_cache(config.cache_dir) as cache:
+        bb = create_backbone(config.backbone, config.weights, memo=cache)
+        _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
+                       f"input {bb.data_config['input_size'][1]}px; frozen: all layers (head-only training)")
         result = extract_features(bb, all_paths, cache=cache, precision=config.precision,
                                   batch_size=config.batch_size, num_workers=config.num_workers, progress=progress)
     _log(progress, f"features: {result.n_computed} computed, {result.n_cached} from cache, "
@@ -199,9 +200,9 @@ def _align(proba: np.ndarray, head_classes: np.ndarray, class_names: Sequence[st
     return out
 
 
-def _run_backbone(run: Run, weights: str | None) -> Backbone:
+def _run_backbone(run: Run, weights: str | None, cache: FeatureCache) -> Backbone:
     spec = run.info["backbone"]
-    bb = create_backbone(spec["name"], weights if weights is not None else spec["weights"])
+    bb = create_backbone(spec["name"], weights if weights is not None else spec["weights"], memo=cache)
     if bb.weights_digest != spec["weights_digest"]:
         raise RunError(
             f"run '{run.path}' was trained on '{spec['name']}' weights with digest {spec['weights_digest'][:12]}, "
@@ -214,8 +215,8 @@ def run_features(run: Run, paths: Sequence[Path], *, weights: str | None = None,
                  cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 32,
                  num_workers: int | None = None, progress: bool = True) -> FeatureResult:
     """Features of ``paths`` exactly as the run's training saw them (same backbone, preprocessing, precision)."""
-    bb = _run_backbone(run, weights)
     with _open_cache(cache_dir) as cache:
+        bb = _run_backbone(run, weights, cache)
         return extract_features(bb, paths, cache=cache, precision=run.info["preprocessing"]["precision"],
                                 batch_size=batch_size, num_workers=num_workers, progress=progress)
 

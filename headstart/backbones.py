@@ -17,11 +17,12 @@ import importlib
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import timm
 import torch
 from torch import nn
 
@@ -56,26 +57,64 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 }
 
 
-@dataclass
 class Backbone:
     """A feature extractor: a timm model without its classifier, plus how to feed it.
 
     Attributes:
         name: timm model name.
-        model: the ``nn.Module`` in eval mode; ``model(x)`` returns ``(N, num_features)``.
+        model: the ``nn.Module`` in eval mode; ``model(x)`` returns ``(N, num_features)``. It may be
+            built lazily, on first access: a run whose features are all cached never builds it.
         data_config: the model's own preprocessing: input_size, interpolation, mean, std,
             crop_pct, crop_mode (from timm's ``resolve_data_config``).
         num_features: length of the pooled feature vector.
-        weights_source: where the weights came from (``package:NAME``, ``timm``, ``file:PATH``, ``random``).
+        weights_source: where the weights came from (``package:NAME``, ``timm``, ``file:NAME``, ``random``).
         weights_digest: sha256 over the model's tensors; changes whenever the weights do.
     """
 
-    name: str
-    model: nn.Module
-    data_config: dict[str, Any]
-    num_features: int
-    weights_source: str
-    weights_digest: str
+    def __init__(self, name: str, model: nn.Module | None, data_config: dict[str, Any], num_features: int,
+                 weights_source: str, weights_digest: str,
+                 loader: Callable[[], nn.Module] | None = None) -> None:
+        if model is None and loader is None:
+            raise ValueError("a Backbone needs a model or a loader")
+        self.name = name
+        self._model = model
+        self._loader = loader
+        self.data_config = data_config
+        self.num_features = num_features
+        self.weights_source = weights_source
+        self.weights_digest = weights_digest
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            assert self._loader is not None
+            model = self._loader()
+            digest = state_dict_digest(model)
+            if digest != self.weights_digest:
+                raise WeightsError(
+                    f"the weights of '{self.name}' ({self.weights_source}) changed since they were recorded "
+                    f"(digest {digest[:12]}, expected {self.weights_digest[:12]}); clear the cache entry with "
+                    "a new --cache-dir or reinstall the weights"
+                )
+            self._model = model
+        return self._model
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    def __repr__(self) -> str:
+        return (f"Backbone(name={self.name!r}, num_features={self.num_features}, "
+                f"weights_source={self.weights_source!r}, digest={self.weights_digest[:12]!r}, "
+                f"loaded={self.is_loaded})")
+
+
+class BackboneMemo(Protocol):
+    """Where :func:`create_backbone` may remember a backbone's digest and data config (the feature cache)."""
+
+    def get_memo(self, key: str) -> dict[str, Any] | None: ...
+
+    def put_memo(self, key: str, value: dict[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -83,6 +122,8 @@ class Backbone:
 
 def check_backbone_name(name: str) -> None:
     """Raise :class:`UnknownBackboneError` with close matches when timm does not know ``name``."""
+    import timm
+
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -99,6 +140,8 @@ def list_backbones(pattern: str = "*") -> list[dict[str, str]]:
     ``package PACKAGE not installed`` for the packaged models that are missing, ``timm download``
     when timm can fetch pretrained weights online, and ``none (use --weights PATH)`` otherwise.
     """
+    import timm
+
     pretrained = {n.split(".")[0] for n in timm.list_pretrained()}
     names = timm.list_models(pattern) if any(c in pattern for c in "*?[") else (
         [pattern] if timm.is_model(pattern) else timm.list_models(f"*{pattern}*"))
@@ -216,6 +259,8 @@ def lukemelas_to_timm(source: dict[str, torch.Tensor], model: nn.Module) -> dict
 
 def packaged_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The packaged ImageNet weights of ``name`` under timm's tensor names, classifier included."""
+    import timm
+
     path = packaged_weights_path(name)
     source = torch.load(path, map_location="cpu", weights_only=True)
     return lukemelas_to_timm(source, timm.create_model(name, pretrained=False))
@@ -245,6 +290,8 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_file_weights(model: nn.Module, path: Path, name: str) -> None:
+    import timm
+
     state = _read_weights_file(path)
     if any(k.startswith("_blocks.") for k in state) and hasattr(model, "blocks"):
         full = timm.create_model(name, pretrained=False)
@@ -266,8 +313,68 @@ def _load_file_weights(model: nn.Module, path: Path, name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _weights_fingerprint(name: str, weights: str | os.PathLike[str]) -> str | None:
+    """A cheap identity of the weights *source*, or ``None`` when only loading the model can tell."""
+    try:
+        timm_version = version("timm")
+    except PackageNotFoundError:  # pragma: no cover
+        return None
+    if isinstance(weights, str) and weights == "random":
+        return None
+    if isinstance(weights, str) and weights == "default":
+        spec = PACKAGED_WEIGHTS.get(name)
+        if spec is None or importlib.util.find_spec(spec.module) is None:
+            return None  # timm download: the hub may serve new weights, so always load
+        module_file = importlib.util.find_spec(spec.module).origin or ""
+        models = Path(module_file).parent / "models"
+        files = sorted(models.glob("*.pth")) if models.is_dir() else []
+        if len(files) != 1:
+            return None
+        st = files[0].stat()
+        return f"{name}|timm {timm_version}|package {spec.sha256}|{files[0]}|{st.st_size}|{st.st_mtime_ns}"
+    path = Path(weights).resolve()
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return f"{name}|timm {timm_version}|file {path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _build(name: str, weights: str | os.PathLike[str]) -> tuple[nn.Module, str]:
+    import timm
+
+    if isinstance(weights, str) and weights in ("default", "random"):
+        if weights == "random":
+            return timm.create_model(name, pretrained=False, num_classes=0), "random"
+        if name in PACKAGED_WEIGHTS:
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+            state = {k: v for k, v in packaged_state_dict(name).items() if not k.startswith("classifier.")}
+            model.load_state_dict(state, strict=True)
+            return model, f"package:{PACKAGED_WEIGHTS[name].package}"
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise WeightsError(
+                f"could not get pretrained weights for '{name}' from timm ({type(exc).__name__}: {first_line}). "
+                "Offline? Pass a local file: --weights PATH (.safetensors, or .pth loaded with weights_only=True)"
+            ) from None
+        return model, "timm"
+    path = Path(weights)
+    if not path.exists():
+        raise UsageError(
+            f"--weights '{weights}' is neither 'default', 'random' nor an existing file; "
+            "give a .safetensors or .pth state dict"
+        )
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    _load_file_weights(model, path, name)
+    return model, f"file:{path.name}"
+
+
 def create_backbone(
-    name: str = DEFAULT_BACKBONE, weights: str | os.PathLike[str] | None = "default"
+    name: str = DEFAULT_BACKBONE,
+    weights: str | os.PathLike[str] | None = "default",
+    *,
+    memo: BackboneMemo | None = None,
 ) -> Backbone:
     """Create a pre-trained feature extractor by timm name.
 
@@ -276,6 +383,9 @@ def create_backbone(
         weights: ``"default"`` -- the packaged offline weights when the model has them, otherwise
             timm's own pretrained download (needs network); ``"random"`` -- no pre-training (tests);
             or a path to a ``.safetensors`` / ``.pth`` state dict.
+        memo: where to remember the weights digest and data config (a
+            :class:`~headstart.cache.FeatureCache`). When it already knows these weights, the model
+            is built only when first used, so a run whose features are all cached skips it.
 
     Returns:
         A :class:`Backbone` in eval mode whose forward gives pooled features.
@@ -283,48 +393,26 @@ def create_backbone(
     Example:
         >>> bb = create_backbone("tf_efficientnet_lite0")  # doctest: +SKIP
         >>> bb.num_features, bb.data_config["input_size"]
-        (1280, (3, 224, 224))
+        (1280, [3, 224, 224])
     """
-    check_backbone_name(name)
     if weights is None:
         weights = "default"
-    if isinstance(weights, str) and weights in ("default", "random"):
-        if weights == "random":
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-            source = "random"
-        elif name in PACKAGED_WEIGHTS:
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-            state = {k: v for k, v in packaged_state_dict(name).items() if not k.startswith("classifier.")}
-            model.load_state_dict(state, strict=True)
-            source = f"package:{PACKAGED_WEIGHTS[name].package}"
-        else:
-            try:
-                model = timm.create_model(name, pretrained=True, num_classes=0)
-            except Exception as exc:
-                raise WeightsError(
-                    f"could not get pretrained weights for '{name}' from timm ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}). Offline? Pass a local file: "
-                    f"--weights PATH (.safetensors, or .pth loaded with weights_only=True)"
-                ) from None
-            source = "timm"
-    else:
-        path = Path(weights)
-        if not path.exists():
-            raise UsageError(
-                f"--weights '{weights}' is neither 'default', 'random' nor an existing file; "
-                "give a .safetensors or .pth state dict"
-            )
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-        _load_file_weights(model, path, name)
-        source = f"file:{path.name}"
+    fingerprint = _weights_fingerprint(name, weights) if memo is not None else None
+    memo_key = "backbone:" + hashlib.sha256(fingerprint.encode()).hexdigest() if fingerprint else None
+    if memo is not None and memo_key is not None:
+        known = memo.get_memo(memo_key)
+        if known is not None:
+            return Backbone(name, None, known["data_config"], known["num_features"], known["weights_source"],
+                            known["weights_digest"], loader=lambda: _build(name, weights)[0].eval())
+    check_backbone_name(name)
+    model, source = _build(name, weights)
     model.eval()
+    import timm.data
+
     data_config = dict(timm.data.resolve_data_config({}, model=model))
     data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
-    return Backbone(
-        name=name,
-        model=model,
-        data_config=data_config,
-        num_features=int(model.num_features),
-        weights_source=source,
-        weights_digest=state_dict_digest(model),
-    )
+    backbone = Backbone(name, model, data_config, int(model.num_features), source, state_dict_digest(model))
+    if memo is not None and memo_key is not None:
+        memo.put_memo(memo_key, {"data_config": data_config, "num_features": backbone.num_features,
+                                 "weights_source": source, "weights_digest": backbone.weights_digest})
+    return backbone

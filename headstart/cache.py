@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS models (model_key TEXT PRIMARY KEY, description TEXT,
 CREATE TABLE IF NOT EXISTS features (
     model_key TEXT, image TEXT, shard TEXT, row INTEGER, PRIMARY KEY (model_key, image));
 CREATE TABLE IF NOT EXISTS failures (image TEXT PRIMARY KEY, reason TEXT);
+CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
@@ -122,6 +123,17 @@ class FeatureCache:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", fresh)
         return keys, errors
+
+    # ------------------------------------------------------------------------------------ memo
+
+    def get_memo(self, key: str) -> dict[str, Any] | None:
+        """A small JSON value remembered under ``key`` (e.g. a backbone's digest and data config)."""
+        row = self._db.execute("SELECT value FROM memo WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_memo(self, key: str, value: dict[str, Any]) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     # ------------------------------------------------------------------------------------ features
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str],
@@ -20,6 +19,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: S
     Returns:
         A JSON-ready dict. ``confusion_matrix[i][j]`` counts images of class ``i`` predicted as ``j``.
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     y_true = np.asarray(y_true, dtype=np.int64)
     k = len(class_names)
     pred = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)

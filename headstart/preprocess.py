@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import timm.data
 import torch
 
 #: Bump when the resize/crop code path changes in a way that changes pixel values.
@@ -22,6 +21,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def eval_transform(data_config: dict[str, Any]):
     """PIL RGB image -> normalised float tensor ``(3, H, W)``: resize, centre crop, normalise."""
+    import timm.data
+
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
     return timm.data.create_transform(**cfg, is_training=False)
 

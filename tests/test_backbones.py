@@ -102,7 +102,7 @@ def test_offline_without_weights_says_how_to_supply_a_file(monkeypatch):
             raise OSError("We couldn't connect to the hub")
         return real(name, pretrained=False, **kw)
 
-    monkeypatch.setattr(bbmod.timm, "create_model", offline)
+    monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(WeightsError, match="--weights PATH"):
         create_backbone("resnet18")
 
@@ -146,3 +146,24 @@ def test_list_backbones():
     assert rows["tf_efficientnet_lite0"].startswith("installed")
     assert "tf_efficientnet_lite4" in rows
     assert list_backbones("resnet50")[0]["name"] == "resnet50"
+
+
+def test_memo_makes_the_model_lazy(tmp_path, backbone):
+    from headstart.cache import FeatureCache
+
+    with FeatureCache(tmp_path / "c") as cache:
+        first = create_backbone("tf_efficientnet_lite0", memo=cache)
+        assert first.is_loaded
+        second = create_backbone("tf_efficientnet_lite0", memo=cache)
+        assert not second.is_loaded  # known weights: digest and data config come from the memo
+        assert second.weights_digest == backbone.weights_digest and second.data_config == backbone.data_config
+        assert second.model is not None and second.is_loaded  # built on first use, digest re-checked
+
+
+def test_lazy_model_with_changed_weights_is_refused(tmp_path, backbone):
+    from headstart.backbones import Backbone
+
+    lazy = Backbone("tf_efficientnet_lite0", None, backbone.data_config, 1280, "test", "0" * 64,
+                    loader=lambda: backbone.model)
+    with pytest.raises(WeightsError, match="changed since they were recorded"):
+        _ = lazy.model

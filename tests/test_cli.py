@@ -26,7 +26,7 @@ def cli(capsys):
 @pytest.fixture
 def trained(tree, tmp_path, cli):
     out = tmp_path / "run"
-    code, stdout, err = cli("train", tree, "--out", out, "--cache-dir", tmp_path / "c", "--workers", "0",
+    code, _stdout, err = cli("train", tree, "--out", out, "--cache-dir", tmp_path / "c", "--workers", "0",
                             "--val-split", "0.34", "--quiet")
     assert code == 0, err
     return out

@@ -18,7 +18,6 @@ from headstart.data import (
 )
 from headstart.errors import DataError, DataNotFoundError, HeadstartError, UsageError
 
-
 # ------------------------------------------------------------------------------------------- layouts
 
 
@@ -118,7 +117,7 @@ def test_fewer_than_two_classes(tmp_path):
 def test_class_without_images(tmp_path):
     root = make_tree(tmp_path / "d")
     (root / "empty").mkdir()
-    with pytest.raises(DataError, match="'empty'.*hold no image"):
+    with pytest.raises(DataError, match=r"'empty'.*hold no image"):
         load_images(root)
 
 
@@ -150,7 +149,7 @@ def test_bad_val_split(tree):
 def test_decode_any_mode_to_rgb(tmp_path, mode):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
     if mode == "I;16":
-        img = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))
+        img = Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)
     else:
         img = rgb.convert(mode)
     ext = {"CMYK": "tif", "I;16": "png", "I": "tif", "F": "tif", "LA": "png", "RGBA": "png"}.get(mode, "png")
@@ -161,7 +160,7 @@ def test_decode_any_mode_to_rgb(tmp_path, mode):
 
 
 def test_decode_16_bit_uses_full_range(tmp_path):
-    img = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))
+    img = Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)
     img.save(tmp_path / "deep.png")
     arr = np.asarray(decode_image(tmp_path / "deep.png"))
     assert arr.min() == 0 and arr.max() == 255  # not clipped to white
@@ -224,7 +223,7 @@ def test_decode_does_not_leak_bytes_io(tmp_path):
 def test_stratified_split_is_seeded_and_stratified():
     labels = np.repeat([0, 1, 2], [10, 20, 3])
     tr1, va1 = stratified_split(labels, 0.2, seed=1)
-    tr2, va2 = stratified_split(labels, 0.2, seed=1)
+    _tr2, va2 = stratified_split(labels, 0.2, seed=1)
     _, va3 = stratified_split(labels, 0.2, seed=2)
     assert np.array_equal(va1, va2) and not np.array_equal(va1, va3)
     assert set(tr1) | set(va1) == set(range(len(labels))) and not set(tr1) & set(va1)
@@ -240,7 +239,8 @@ def test_split_keeps_an_image_on_each_side_of_small_classes():
 def test_load_images_split(tree):
     data = load_images(tree, val_split=0.5, seed=0)
     assert len(data.train) == 6 and len(data.val) == 6 and data.val_from == "split"
-    assert sorted(map(str, data.train.paths + data.val.paths)) == sorted(map(str, load_images(tree, val_split=0).train.paths))
+    everything = load_images(tree, val_split=0).train.paths
+    assert sorted(map(str, data.train.paths + data.val.paths)) == sorted(map(str, everything))
 
 
 def test_list_image_paths(tree):
