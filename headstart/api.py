@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .cache import FeatureCache
-from .data import BadFile, ImageSet, LoadedData, list_image_paths, load_images
+from .data import BadFile, ImageSet, LoadedData, list_image_paths, load_images, stratified_split
 from .errors import DataError, RunError, UsageError
 from .features import FeatureResult, extract_features
 from .heads import make_head
@@ -70,7 +70,7 @@ def extract(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pre-compute and cache the features of every image in ``data`` (``headstart features``)."""
-    loaded = load_images(data, val_split=0)  # a train/ + val/ tree still yields both parts
+    loaded = load_images(data, val_split=0, min_classes=1)  # a train/ + val/ tree still yields both parts
     paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
     with _open_cache(cache_dir) as cache:
         bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights, memo=cache)
@@ -82,10 +82,6 @@ def extract(
             "n_bad": len(bad), "bad_files": bad, "seconds": round(result.seconds, 3),
             "images_per_second": round(result.images_per_second, 2), "backbone": bb.name,
             "weights_digest": bb.weights_digest, "cache_dir": root}
-
-
-def _usable(images: ImageSet, result: FeatureResult) -> tuple[np.ndarray, np.ndarray]:
-    return result.features[result.ok], images.labels[result.ok]
 
 
 def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -129,65 +125,118 @@ def train(
         known = sorted(TrainConfig.__dataclass_fields__)
         raise UsageError(f"unknown train option(s) {sorted(unknown)}; known: {known}")
     config = TrainConfig(**{**asdict(config), **overrides})
-    config.weights = str(config.weights)  # paths become strings so the config saves as JSON
+    config.weights = _absolute_weights(config.weights)  # a run must find its weights from any folder
     config.cache_dir = None if config.cache_dir is None else str(config.cache_dir)
-    make_head(config.head, **config.head_params)  # fail on a bad head setting before any heavy work
+    _validate_train_config(config, Path(out))  # fail on bad settings before any heavy work
     start = time.perf_counter()
-    loaded: LoadedData = load_images(data, val_split=config.val_split, seed=config.seed)
-    all_paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
+    loaded: LoadedData = load_images(data, val_split=0, seed=config.seed)
+    for note in loaded.notes:
+        _log(progress, f"note: {note}")
     with _open_cache(config.cache_dir) as cache:
+        train_set, val_set, val_from = _split(loaded, config, cache, progress)
         bb = create_backbone(config.backbone, config.weights, memo=cache)
         _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
                        f"input {bb.data_config['input_size'][1]}px; frozen: all layers (head-only training)")
+        all_paths = train_set.paths + (val_set.paths if val_set else [])
         result = extract_features(bb, all_paths, cache=cache, precision=config.precision,
                                   batch_size=config.batch_size, num_workers=config.num_workers, progress=progress)
+    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
     _log(progress, f"features: {result.n_computed} computed, {result.n_cached} from cache, "
                    f"{len(result.bad_files)} bad, {result.seconds:.1f}s")
-    n_train = len(loaded.train)
-    train_result = FeatureResult(result.features[:n_train], result.ok[:n_train])
-    x_train, y_train = _usable(loaded.train, train_result)
-    names = loaded.train.class_names
+    for item in bad:
+        _log(progress, f"skipped {item['path']}: {item['reason']}")
+    n_train = len(train_set)
+    x_train, y_train = result.features[:n_train][result.ok[:n_train]], train_set.labels[result.ok[:n_train]]
+    names = train_set.class_names
     present = np.bincount(y_train, minlength=len(names))
     if (present == 0).any():
         lost = [names[i] for i in np.flatnonzero(present == 0)]
-        raise DataError(f"class(es) {lost} have no usable training image after skipping "
-                        f"{len(result.bad_files)} unreadable file(s); see the bad-file list above")
+        examples = "; ".join(f"{b['path']}: {b['reason']}" for b in bad[:3])
+        raise DataError(f"class(es) {lost} have no usable training image after skipping {len(bad)} "
+                        f"bad file(s), e.g. {examples}")
     metrics: dict[str, Any] = {"n_train": len(y_train)}
     head_start = time.perf_counter()
     if config.cv:
         metrics["cv"] = _cross_validate(config, x_train, y_train)
         _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
                        f"(+/- {metrics['cv']['std']:.4f})")
-    labels = np.asarray(names)[y_train]
-    head = make_head(config.head, **config.head_params).fit(x_train, labels)
+    head = make_head(config.head, **config.head_params).fit(x_train, np.asarray(names)[y_train])
     metrics["head_seconds"] = round(time.perf_counter() - head_start, 3)
-    if loaded.val is not None:
+    if val_set is not None:
         val_ok = result.ok[n_train:]
-        x_val, y_val = result.features[n_train:][val_ok], loaded.val.labels[val_ok]
-        proba = _align(head.predict_proba(x_val), head.classes_, names)
-        metrics["val"] = classification_metrics(y_val, proba, names)
-        _log(progress, f"validation accuracy {metrics['val']['accuracy']:.4f} on {len(y_val)} images")
-    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
+        x_val, y_val = result.features[n_train:][val_ok], val_set.labels[val_ok]
+        if len(y_val):
+            proba = _align(head.predict_proba(x_val), head.classes_, names)
+            metrics["val"] = classification_metrics(y_val, proba, names)
+            _log(progress, f"validation accuracy {metrics['val']['accuracy']:.4f} on {len(y_val)} images")
+        else:
+            _log(progress, "warning: no usable validation image (all failed to decode); no validation metrics")
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["features"] = {"n_computed": result.n_computed, "n_cached": result.n_cached,
                            "seconds": round(result.seconds, 3)}
     info = {
         "headstart_version": __version__,
         "class_names": names,
-        "backbone": {"name": bb.name, "weights": str(config.weights), "weights_source": bb.weights_source,
+        "backbone": {"name": bb.name, "weights": config.weights, "weights_source": bb.weights_source,
                      "weights_digest": bb.weights_digest, "num_features": bb.num_features, "freeze": "all"},
         "preprocessing": preprocessing_signature(bb.data_config, result.precision),
         "data_config": bb.data_config,
         "config": asdict(config),
-        "data": {"source": str(data), "layout": loaded.layout, "val_from": loaded.val_from,
+        "data": {"source": str(data), "layout": loaded.layout, "val_from": val_from,
                  "n_train": len(y_train), "n_val": int(metrics.get("val", {}).get("n_images", 0)),
-                 "class_counts": loaded.train.class_counts(), "n_bad_files": len(bad)},
+                 "class_counts": train_set.class_counts(), "n_bad_files": len(bad)},
     }
-    for item in bad:
-        _log(progress, f"skipped {item['path']}: {item['reason']}")
     path = write_run(Path(out), info, head, metrics, bad)
     _log(progress, f"saved run to {path}")
     return Run.load(path)
+
+
+def _absolute_weights(weights: Any) -> str:
+    weights = str(weights)
+    if weights in ("default", "random"):
+        return weights
+    return str(Path(weights).resolve())
+
+
+def _validate_train_config(config: TrainConfig, out: Path) -> None:
+    from .heads import HEAD_TYPES
+    from .runs import check_out_folder
+
+    if config.head not in HEAD_TYPES:
+        raise UsageError(f"head must be one of {', '.join(HEAD_TYPES)}; got '{config.head}'")
+    make_head(config.head, **config.head_params).validate_params()
+    if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
+        raise UsageError(f"batch_size must be a positive integer; got {config.batch_size!r}")
+    if config.num_workers is not None and not (isinstance(config.num_workers, int) and config.num_workers >= 0):
+        raise UsageError(f"num_workers must be an integer >= 0; got {config.num_workers!r}")
+    if not 0.0 <= config.val_split < 1.0:
+        raise UsageError(f"val_split must be in [0, 1); got {config.val_split}. Use e.g. 0.2 to hold out 20%")
+    if config.cv < 0 or config.cv == 1:
+        raise UsageError(f"cv must be 0 (off) or at least 2 folds; got {config.cv}")
+    check_out_folder(out)
+
+
+def _split(loaded: LoadedData, config: TrainConfig, cache: FeatureCache,
+           progress: bool) -> tuple[ImageSet, ImageSet | None, str]:
+    """Training and validation sets; a split is stratified and keeps identical files on one side."""
+    keys, _ = cache.image_keys(loaded.train.paths)
+    groups = [k if k is not None else f"unreadable:{i}" for i, k in enumerate(keys)]
+    labels_of: dict[str, set[int]] = {}
+    for g, label in zip(groups, loaded.train.labels):
+        labels_of.setdefault(g, set()).add(int(label))
+    clashes = [g for g, labels in labels_of.items() if len(labels) > 1]
+    if clashes:
+        example = [str(p) for p, g in zip(loaded.train.paths, groups) if g == clashes[0]]
+        _log(progress, f"warning: {len(clashes)} image(s) appear, byte for byte, in more than one class, "
+                       f"e.g. {example}")
+    if loaded.val is not None:
+        return loaded.train, loaded.val, loaded.val_from
+    if config.val_split == 0:
+        return loaded.train, None, "none"
+    train_idx, val_idx = stratified_split(loaded.train.labels, config.val_split, config.seed, groups=groups)
+    if not len(val_idx):
+        return loaded.train, None, "none"
+    return loaded.train.subset(train_idx), loaded.train.subset(val_idx), "split"
 
 
 def _align(proba: np.ndarray, head_classes: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
@@ -202,7 +251,12 @@ def _align(proba: np.ndarray, head_classes: np.ndarray, class_names: Sequence[st
 
 def _run_backbone(run: Run, weights: str | None, cache: FeatureCache) -> Backbone:
     spec = run.info["backbone"]
-    bb = create_backbone(spec["name"], weights if weights is not None else spec["weights"], memo=cache)
+    source = weights if weights is not None else spec["weights"]
+    if source not in ("default", "random") and not Path(source).exists():
+        raise RunError(f"run '{run.path}' was trained with the weights file '{source}', which is missing; "
+                       "pass its new location with --weights")
+    bb = create_backbone(spec["name"], source, memo=cache)
+    bb.data_config = dict(run.info["data_config"])  # the run's preprocessing, whatever timm resolves today
     if bb.weights_digest != spec["weights_digest"]:
         raise RunError(
             f"run '{run.path}' was trained on '{spec['name']}' weights with digest {spec['weights_digest'][:12]}, "
@@ -238,7 +292,7 @@ def evaluate(
     """
     start = time.perf_counter()
     run = Run.load(run_dir)
-    loaded = load_images(data, val_split=0)
+    loaded = load_images(data, val_split=0, min_classes=1)
     images = loaded.val if loaded.val is not None else loaded.train
     names = run.class_names
     unknown = sorted(set(images.class_names) - set(names))
@@ -249,6 +303,9 @@ def evaluate(
     result = run_features(run, images.paths, weights=weights, cache_dir=cache_dir, batch_size=batch_size,
                           num_workers=num_workers, progress=progress)
     y = remap[images.labels][result.ok]
+    if not len(y):
+        examples = "; ".join(f"{b.path}: {b.reason}" for b in result.bad_files[:3])
+        raise DataError(f"no usable image in '{data}' to evaluate ({len(images)} failed, e.g. {examples})")
     proba = _align(run.head.predict_proba(result.features[result.ok]), run.head.classes_, names)
     out = classification_metrics(y, proba, names)
     seconds = time.perf_counter() - start

@@ -320,7 +320,7 @@ def _weights_fingerprint(name: str, weights: str | os.PathLike[str]) -> str | No
     except PackageNotFoundError:  # pragma: no cover
         return None
     if isinstance(weights, str) and weights == "random":
-        return None
+        return f"{name}|timm {timm_version}|random seed 0|torch {version('torch')}"
     if isinstance(weights, str) and weights == "default":
         spec = PACKAGED_WEIGHTS.get(name)
         if spec is None or importlib.util.find_spec(spec.module) is None:
@@ -331,20 +331,23 @@ def _weights_fingerprint(name: str, weights: str | os.PathLike[str]) -> str | No
         if len(files) != 1:
             return None
         st = files[0].stat()
-        return f"{name}|timm {timm_version}|package {spec.sha256}|{files[0]}|{st.st_size}|{st.st_mtime_ns}"
+        return (f"{name}|timm {timm_version}|package {spec.sha256}|{files[0]}|{st.st_size}|{st.st_mtime_ns}|"
+                f"{st.st_ctime_ns}|{st.st_ino}")
     path = Path(weights).resolve()
     if not path.is_file():
         return None
     st = path.stat()
-    return f"{name}|timm {timm_version}|file {path}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{name}|timm {timm_version}|file {path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
 
 
 def _build(name: str, weights: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     import timm
 
     if isinstance(weights, str) and weights in ("default", "random"):
-        if weights == "random":
-            return timm.create_model(name, pretrained=False, num_classes=0), "random"
+        if weights == "random":  # seeded, so a run trained on random weights can be reloaded
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return timm.create_model(name, pretrained=False, num_classes=0), "random"
         if name in PACKAGED_WEIGHTS:
             model = timm.create_model(name, pretrained=False, num_classes=0)
             state = {k: v for k, v in packaged_state_dict(name).items() if not k.startswith("classifier.")}

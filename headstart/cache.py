@@ -14,12 +14,13 @@ shard and an interrupted extraction loses at most the rows not yet flushed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,33 @@ import platformdirs
 
 CACHE_ENV = "HEADSTART_CACHE_DIR"
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER, sha256 TEXT);
 CREATE TABLE IF NOT EXISTS models (model_key TEXT PRIMARY KEY, description TEXT, dim INTEGER, dtype TEXT);
 CREATE TABLE IF NOT EXISTS features (
     model_key TEXT, image TEXT, shard TEXT, row INTEGER, PRIMARY KEY (model_key, image));
-CREATE TABLE IF NOT EXISTS failures (image TEXT PRIMARY KEY, reason TEXT);
+CREATE INDEX IF NOT EXISTS features_by_shard ON features (shard);
+CREATE TABLE IF NOT EXISTS decode_failures (image TEXT, decoder TEXT, reason TEXT, PRIMARY KEY (image, decoder));
 CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT);
 """
+_CHUNK = 500  # SQLite host parameters per query
+
+
+class MissingShardError(OSError):
+    """The index points at a shard file that is gone or unreadable (its rows were dropped)."""
+
+    def __init__(self, shard: str) -> None:
+        super().__init__(f"feature shard '{shard}' is missing or unreadable")
+        self.shard = shard
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem allows fsync on a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +79,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -77,9 +99,27 @@ class FeatureCache:
         self.dtype = np.dtype(dtype)
         self._db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # the index is small; never let it outrun the shards
         self._db.executescript(_SCHEMA)
         self._shards: dict[str, np.ndarray] = {}
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: every statement inside commits together or not at all."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _select_in(self, sql: str, fixed: tuple[Any, ...], values: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+        unique = list(dict.fromkeys(values))
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start:start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            yield from self._db.execute(sql.format(marks=marks), (*fixed, *chunk))
 
     def close(self) -> None:
         self._db.close()
@@ -94,7 +134,10 @@ class FeatureCache:
     # ------------------------------------------------------------------------------------ image keys
 
     def image_keys(self, paths: Sequence[Path]) -> tuple[list[str | None], dict[int, str]]:
-        """sha256 of each file's bytes, memoised on (path, size, mtime_ns).
+        """sha256 of each file's bytes, memoised on (path, size, mtime, ctime, inode).
+
+        ctime cannot be set from user space, so a rewrite that keeps size and mtime (``cp -p``,
+        ``rsync -a``) still changes the memo key and the file is hashed again.
 
         Returns:
             (keys, errors): ``keys[i]`` is ``None`` when file ``i`` could not be read, and then
@@ -102,27 +145,49 @@ class FeatureCache:
         """
         keys: list[str | None] = []
         errors: dict[int, str] = {}
-        memo = {row[0]: row[1:] for row in self._db.execute("SELECT path, size, mtime_ns, sha256 FROM files")}
-        fresh: list[tuple[str, int, int, str]] = []
-        for i, path in enumerate(paths):
+        resolved: list[str | None] = []
+        for path in paths:
             try:
-                resolved = str(Path(path).resolve())
-                st = os.stat(resolved)
-                hit = memo.get(resolved)
-                if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-                    keys.append(hit[2])
+                resolved.append(str(Path(path).resolve()))
+            except OSError:
+                resolved.append(None)
+        memo = {row[0]: row[1:] for row in self._select_in(
+            "SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM file_hashes WHERE path IN ({marks})",
+            (), [r for r in resolved if r is not None])}
+        fresh: list[tuple[str, int, int, int, int, str]] = []
+        for i, (path, real) in enumerate(zip(paths, resolved)):
+            try:
+                if real is None:
+                    raise OSError(f"cannot resolve '{path}'")
+                st = os.stat(real)
+                stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                hit = memo.get(real)
+                if hit and tuple(hit[:4]) == stamp:
+                    keys.append(hit[4])
                     continue
-                digest = hashlib.sha256(Path(resolved).read_bytes()).hexdigest()
+                digest = hashlib.sha256(Path(real).read_bytes()).hexdigest()
             except OSError as exc:
                 keys.append(None)
-                errors[i] = f"cannot read file ({exc.strerror or exc})"
+                errors[i] = "file not found" if isinstance(exc, FileNotFoundError) else \
+                    f"cannot read file ({exc.strerror or exc})"
                 continue
             keys.append(digest)
-            fresh.append((resolved, st.st_size, st.st_mtime_ns, digest))
+            fresh.append((real, *stamp, digest))
         if fresh:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", fresh)
+            with self._transaction() as db:
+                db.executemany("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?)", fresh)
         return keys, errors
+
+    def remember_hash(self, path: Path, digest: str) -> None:
+        """Record that ``path`` (as it is now on disk) holds content ``digest``."""
+        try:
+            real = str(Path(path).resolve())
+            st = os.stat(real)
+        except OSError:
+            return
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?)",
+                       (real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest))
 
     # ------------------------------------------------------------------------------------ memo
 
@@ -132,38 +197,32 @@ class FeatureCache:
         return json.loads(row[0]) if row else None
 
     def put_memo(self, key: str, value: dict[str, Any]) -> None:
-        with self._db:
-            self._db.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     # ------------------------------------------------------------------------------------ features
 
     def register_model(self, key: str, description: dict[str, Any], dim: int) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?)",
-                (key, json.dumps(description, sort_keys=True), dim, self.dtype.name),
-            )
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?)",
+                       (key, json.dumps(description, sort_keys=True), dim, self.dtype.name))
 
     def lookup(self, key: str, images: Sequence[str]) -> dict[str, tuple[str, int]]:
         """Map each cached image key to its (shard, row) for ``key``."""
-        wanted = set(images)
-        found: dict[str, tuple[str, int]] = {}
-        for image, shard, row in self._db.execute(
-            "SELECT image, shard, row FROM features WHERE model_key = ?", (key,)
-        ):
-            if image in wanted:
-                found[image] = (shard, row)
-        return found
+        return {image: (shard, row) for image, shard, row in self._select_in(
+            "SELECT image, shard, row FROM features WHERE model_key = ? AND image IN ({marks})", (key,), images)}
 
-    def failures(self, images: Sequence[str]) -> dict[str, str]:
-        wanted = set(images)
-        return {img: reason for img, reason in self._db.execute("SELECT image, reason FROM failures")
-                if img in wanted}
+    def failures(self, images: Sequence[str], decoder: str) -> dict[str, str]:
+        """Images already known to be undecodable by this ``decoder`` (e.g. decode version + Pillow version)."""
+        return {img: reason for img, reason in self._select_in(
+            "SELECT image, reason FROM decode_failures WHERE decoder = ? AND image IN ({marks})", (decoder,), images)}
 
-    def record_failures(self, failures: dict[str, str]) -> None:
+    def record_failures(self, failures: dict[str, str], decoder: str) -> None:
+        """Remember permanent decode failures (the bytes are not an image), so they are not retried."""
         if failures:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?)", list(failures.items()))
+            with self._transaction() as db:
+                db.executemany("INSERT OR REPLACE INTO decode_failures VALUES (?, ?, ?)",
+                               [(img, decoder, reason) for img, reason in failures.items()])
 
     def write(self, key: str, images: Sequence[str], rows: np.ndarray) -> None:
         """Store ``rows[i]`` as the feature of ``images[i]``: one new shard, then one index transaction."""
@@ -175,19 +234,33 @@ class FeatureCache:
         path = self.root / "shards" / shard
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(rows, dtype=self.dtype))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        with self._db:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
-                [(key, image, shard, r) for r, image in enumerate(images)],
-            )
+        try:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(rows, dtype=self.dtype))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(path.parent)  # the rename is durable before the index points at it
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
+                           [(key, image, shard, r) for r, image in enumerate(images)])
+
+    def forget_shard(self, shard: str) -> None:
+        """Drop the index rows of a shard that is gone or unreadable, so its images are recomputed."""
+        self._shards.pop(shard, None)
+        with self._transaction() as db:
+            db.execute("DELETE FROM features WHERE shard = ?", (shard,))
 
     def read(self, locations: Sequence[tuple[str, int]], dim: int) -> np.ndarray:
-        """Gather rows from memory-mapped shards as a float32 array ``(len(locations), dim)``."""
+        """Gather rows from memory-mapped shards as a float32 array ``(len(locations), dim)``.
+
+        Raises:
+            MissingShardError: a shard is gone or unreadable; its rows are dropped from the index
+                first, so looking the images up again finds them missing and they get recomputed.
+        """
         out = np.empty((len(locations), dim), dtype=np.float32)
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for i, (shard, row) in enumerate(locations):
@@ -195,9 +268,18 @@ class FeatureCache:
         for shard, pairs in by_shard.items():
             array = self._shards.get(shard)
             if array is None:
-                array = np.load(self.root / "shards" / shard, mmap_mode="r")
+                try:
+                    array = np.load(self.root / "shards" / shard, mmap_mode="r")
+                    if array.ndim != 2 or array.shape[1] != dim:
+                        raise ValueError(f"shape {array.shape}")
+                except (OSError, ValueError):
+                    self.forget_shard(shard)
+                    raise MissingShardError(shard) from None
                 self._shards[shard] = array
             dest, rows = zip(*pairs)
+            if max(rows) >= len(array):
+                self.forget_shard(shard)
+                raise MissingShardError(shard)
             out[list(dest)] = array[list(rows)]
         return out
 

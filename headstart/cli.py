@@ -183,19 +183,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict(args.run, args.paths, top_k=args.top_k, weights=args.weights, cache_dir=args.cache_dir,
                      batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     preds = result["predictions"]
+    k = min(args.top_k, len(result["class_names"]))
     if args.format == "json":
         _print_json(result)
     elif args.format == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", *[f"{s}{i}" for i in range(1, args.top_k + 1) for s in ("label", "p")]])
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", *[f"{s}{i}" for i in range(1, k + 1) for s in ("label", "p")]])
         for p in preds:
             cells = [f"{v:.6f}" if isinstance(v, float) else v for pair in p["top_k"] for v in pair]
             writer.writerow([p["path"], *cells])
     else:
         rows = [[p["path"], ", ".join(f"{label} {prob:.3f}" for label, prob in p["top_k"])] for p in preds]
-        print(_table(rows, ["path", "prediction"]))
+        if rows:
+            print(_table(rows, ["path", "prediction"]))
     for bad in result["bad_files"]:
         print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    if not preds:
+        print(f"headstart predict: error: no image could be classified ({len(result['bad_files'])} skipped)",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -225,7 +231,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     elif not rows:
-        print(f"no backbone matches '{args.pattern}'", file=sys.stderr)
+        print(f"headstart backbones: error: no backbone matches '{args.pattern}'", file=sys.stderr)
+        return EXIT_FAILURE
     else:
         print(_table([[r["name"], r["weights"]] for r in rows], ["backbone", "weights"]))
     return EXIT_OK

@@ -24,8 +24,8 @@ class DataNotFoundError(HeadstartError, FileNotFoundError):
     """A path given as data does not exist."""
 
 
-class UnknownBackboneError(HeadstartError, KeyError):
-    """The backbone name is not a model timm knows."""
+class UnknownBackboneError(UsageError, KeyError):
+    """The backbone name is not a model timm knows (a usage error: the CLI exits with code 2)."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0]) if self.args else ""

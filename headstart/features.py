@@ -9,6 +9,7 @@ any interruption, so nothing computed is lost and a re-run resumes where it stop
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -23,9 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .cache import FeatureCache, model_key
-from .data import BadFile, ImageDecodeError, decode_image
-from .preprocess import eval_transform, preprocessing_signature, resolve_precision
+from .cache import FeatureCache, MissingShardError, model_key
+from .data import BadFile, ImageDecodeError, decode_bytes
+from .errors import UsageError
+from .preprocess import decoder_id, eval_transform, preprocessing_signature, resolve_precision
 
 CUT_POOLED = "pooled"
 
@@ -53,6 +55,9 @@ class FeatureResult:
 
 
 class _ImageFiles(Dataset):
+    """Reads each file once: the same bytes are hashed and decoded, so a feature is always filed
+    under the hash of the content it was computed from, even if the file changes meanwhile."""
+
     def __init__(self, paths: Sequence[Path], transform: Any, input_size: Sequence[int]) -> None:
         self.paths = list(paths)
         self.transform = transform
@@ -61,13 +66,22 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str, str, bool]:
+        """(index, tensor, content sha256, error reason, error is permanent)"""
+        path = self.paths[i]
+        blank = torch.zeros(self.input_size)
         try:
-            return i, self.transform(decode_image(self.paths[i])), ""
+            data = path.read_bytes()
+        except OSError as exc:
+            reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc})"
+            return i, blank, "", reason, False
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            return i, self.transform(decode_bytes(data, path)), digest, "", False
         except ImageDecodeError as exc:
-            return i, torch.zeros(self.input_size), str(exc).removeprefix(f"{self.paths[i]}: ")
+            return i, blank, digest, str(exc).removeprefix(f"{path}: "), exc.permanent
         except Exception as exc:  # a transform failure on a strange image must not kill the run
-            return i, torch.zeros(self.input_size), f"cannot preprocess image ({type(exc).__name__}: {exc})"
+            return i, blank, digest, f"cannot preprocess image ({type(exc).__name__}: {exc})", False
 
 
 def default_num_workers() -> int:
@@ -135,103 +149,143 @@ def extract_features(
     Returns:
         FeatureResult; ``result.n_computed == 0`` on a warm cache.
     """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UsageError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if num_workers is not None and not (isinstance(num_workers, int) and num_workers >= 0):
+        raise UsageError(f"num_workers must be an integer >= 0 (0 decodes in this process); got {num_workers!r}")
+    if cache is None:
+        with FeatureCache() as own:
+            return extract_features(backbone, paths, cache=own, batch_size=batch_size, num_workers=num_workers,
+                                    precision=precision, device=device, flush_every=flush_every,
+                                    progress=progress, desc=desc)
     start = time.perf_counter()
     paths = [Path(p) for p in paths]
-    own_cache = cache is None
-    cache = cache if cache is not None else FeatureCache()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     description = feature_description(backbone, precision, dtype=cache.dtype.name)
     key = model_key(description)
+    decoder = decoder_id()
     cache.register_model(key, description, backbone.num_features)
 
     n = len(paths)
-    features = np.zeros((n, backbone.num_features), dtype=np.float32)
-    ok = np.zeros(n, dtype=bool)
-    bad: dict[int, str] = {}
-
-    image_keys, read_errors = cache.image_keys(paths)
-    bad.update(read_errors)
-    valid_keys = [k for k in image_keys if k is not None]
-    located = cache.lookup(key, valid_keys)
-    known_failures = cache.failures(valid_keys)
-
-    # one forward per distinct image content that is neither cached nor known to be undecodable
-    todo: dict[str, int] = {}
-    for i, k in enumerate(image_keys):
-        if k is None:
-            continue
-        if k in known_failures:
-            bad[i] = known_failures[k]
-        elif k not in located and k not in todo:
-            todo[k] = i
-    n_cached = sum(1 for k in image_keys if k is not None and k in located)
-
-    if todo:
-        _compute_missing(backbone, paths, todo, cache, key, device, precision, batch_size,
-                         num_workers, flush_every, progress, desc)
-        located = cache.lookup(key, valid_keys)
-        known_failures = cache.failures(valid_keys)
+    image_keys, bad = cache.image_keys(paths)
+    n_computed = 0
+    n_cached: int | None = None
+    for _attempt in range(3):  # a missing shard drops its rows; the next pass recomputes them
+        valid = [k for k in image_keys if k is not None]
+        located = cache.lookup(key, valid)
+        if n_cached is None:
+            n_cached = sum(1 for k in image_keys if k is not None and k in located)
+        known_failures = cache.failures([k for k in valid if k not in located], decoder)
+        todo: dict[str, int] = {}  # one forward per distinct content neither cached nor known undecodable
         for i, k in enumerate(image_keys):
-            if k is not None and k in known_failures and i not in bad:
-                bad[i] = known_failures[k]
-
-    rows = [(i, located[k]) for i, k in enumerate(image_keys) if k is not None and k in located]
-    if rows:
-        index, locations = zip(*rows)
-        features[list(index)] = cache.read(locations, backbone.num_features)
-        ok[list(index)] = True
-    if own_cache:
-        cache.close()
+            if k is not None and k not in located and k not in known_failures and k not in todo:
+                todo[k] = i
+        if todo:
+            computed, renamed, failed = _compute_missing(
+                backbone, paths, todo, cache, key, decoder, device, precision, batch_size, num_workers,
+                flush_every, progress, desc)
+            n_computed += computed
+            for i, k in enumerate(image_keys):
+                if k in renamed:  # the file changed after hashing: use what was really decoded
+                    image_keys[i] = renamed[k]
+                if k in failed:
+                    bad[i] = failed[k]
+            valid = [k for k in image_keys if k is not None]
+            located = cache.lookup(key, valid)
+            known_failures = cache.failures([k for k in valid if k not in located], decoder)
+        features = np.zeros((n, backbone.num_features), dtype=np.float32)
+        ok = np.zeros(n, dtype=bool)
+        rows = [(i, located[k]) for i, k in enumerate(image_keys) if k is not None and k in located]
+        try:
+            if rows:
+                index, locations = zip(*rows)
+                features[list(index)] = cache.read(locations, backbone.num_features)
+                ok[list(index)] = True
+        except MissingShardError:
+            continue
+        break
+    else:  # pragma: no cover - only if shards vanish again and again while we run
+        raise MissingShardError("several")
+    for i, k in enumerate(image_keys):
+        if not ok[i] and k is not None and i not in bad:
+            bad[i] = known_failures.get(k, "no features (decoding failed in an earlier step)")
+    bad_files = [BadFile(str(paths[i]), reason) for i, reason in sorted(bad.items()) if not ok[i]]
     seconds = time.perf_counter() - start
-    bad_files = [BadFile(str(paths[i]), reason) for i, reason in sorted(bad.items())]
     return FeatureResult(
-        features=features, ok=ok, bad_files=bad_files, n_computed=len(todo), n_cached=n_cached,
+        features=features, ok=ok, bad_files=bad_files, n_computed=n_computed, n_cached=n_cached or 0,
         seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0, model_key=key,
         precision=precision,
     )
 
 
 def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, int], cache: FeatureCache,
-                     key: str, device: torch.device, precision: str, batch_size: int,
-                     num_workers: int | None, flush_every: int, progress: bool, desc: str) -> None:
-    order = list(todo.items())  # (image key, path index)
+                     key: str, decoder: str, device: torch.device, precision: str, batch_size: int,
+                     num_workers: int | None, flush_every: int, progress: bool,
+                     desc: str) -> tuple[int, dict[str, str], dict[str, str]]:
+    """Decode and forward the ``todo`` images, flushing to the cache as it goes.
+
+    Returns:
+        (images forwarded, {expected hash: hash actually decoded}, {expected hash: failure reason}).
+    """
+    order = list(todo.items())  # (expected image key, path index)
     dataset = _ImageFiles([paths[i] for _, i in order], eval_transform(backbone.data_config),
                           backbone.data_config["input_size"])
     workers = default_num_workers() if num_workers is None else num_workers
-    workers = min(workers, max(0, (len(order) + batch_size - 1) // batch_size))
+    workers = min(workers, max(0, (len(order) + batch_size - 1) // batch_size - 1))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                         pin_memory=device.type == "cuda")
-    backbone.model.to(device).eval()
-    backbone.model.to(memory_format=torch.channels_last)
+    model = backbone.model.to(device).eval()
+    model.to(memory_format=torch.channels_last)
     pending_keys: list[str] = []
     pending_rows: list[np.ndarray] = []
-    failures: dict[str, str] = {}
+    permanent: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    computed = 0
 
     def flush() -> None:
         if pending_keys:
             cache.write(key, pending_keys, np.concatenate(pending_rows))
             pending_keys.clear()
             pending_rows.clear()
-        cache.record_failures(failures)
-        failures.clear()
+        cache.record_failures(permanent, decoder)
+        permanent.clear()
 
     bar = tqdm(total=len(order), desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False)
     try:
-        for index, batch, errors in loader:
-            good = [j for j, e in enumerate(errors) if not e]
-            for j, e in enumerate(errors):
-                if e:
-                    failures[order[int(index[j])][0]] = e
+        for index, batch, digests, errors, is_permanent in loader:
+            good = []
+            for j, error in enumerate(errors):
+                expected, path_index = order[int(index[j])]
+                actual = digests[j] or expected
+                if actual != expected:
+                    renamed[expected] = actual
+                    cache.remember_hash(paths[path_index], actual)
+                if error:
+                    failed[expected] = error
+                    if bool(is_permanent[j]):
+                        permanent[actual] = error
+                else:
+                    good.append(j)
             if good:
                 out = forward_batches(backbone, batch[good], device, precision)
-                pending_keys.extend(order[int(index[j])][0] for j in good)
-                pending_rows.append(out)
+                finite = np.isfinite(out).all(axis=1)
+                for row, j in enumerate(good):
+                    expected = order[int(index[j])][0]
+                    if finite[row]:
+                        pending_keys.append(digests[j] or expected)
+                    else:
+                        failed[expected] = (f"the backbone gave non-finite features in {precision} "
+                                            "(try --precision fp32)")
+                pending_rows.append(out[finite])
+                computed += int(finite.sum())
             bar.update(len(errors))
             if len(pending_keys) >= flush_every:
                 flush()
     finally:
         flush()  # on success and on interruption alike: computed rows are kept
         bar.close()
+    return computed, renamed, failed

@@ -54,6 +54,11 @@ def _class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np
     raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
 
 
+def _check_class_weight(class_weight: Any) -> None:
+    if class_weight is not None and class_weight != "balanced" and not isinstance(class_weight, dict):
+        raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
+
+
 class _Head:
     """Shared fit/predict plumbing; subclasses build ``module_`` and train it."""
 
@@ -72,7 +77,7 @@ class _Head:
         if len(X) != len(y):
             raise UsageError(f"X has {len(X)} rows but y has {len(y)} labels")
         if not np.isfinite(X).all():
-            raise UsageError("X holds NaN or infinite values")
+            raise UsageError("X holds NaN or infinite values; remove those rows first")
         self.classes_, encoded = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise UsageError(f"need at least 2 classes in y to fit a classifier; got {list(self.classes_)}")
@@ -159,10 +164,17 @@ class LinearHead(_Head):
     def _build(self, n_features: int, n_classes: int) -> nn.Module:
         return nn.Sequential(_Standardize(n_features), nn.Linear(n_features, n_classes))
 
-    def fit(self, X: Any, y: Any) -> LinearHead:
+    def validate_params(self) -> None:
+        """Raise :class:`UsageError` for a setting that cannot work (``fit`` calls this first)."""
         if self.weight_decay is not None and not (
                 isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise UsageError(f"weight_decay must be None or a number >= 0; got {self.weight_decay!r}")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise UsageError(f"max_iter must be a positive integer; got {self.max_iter!r}")
+        _check_class_weight(self.class_weight)
+
+    def fit(self, X: Any, y: Any) -> LinearHead:
+        self.validate_params()
         X, target = self._check_xy(X, y)
         decay = 1.0 / len(X) if self.weight_decay is None else float(self.weight_decay)
         k = len(self.classes_)
@@ -228,14 +240,22 @@ class MLPHead(_Head):
         return nn.Sequential(_Standardize(n_features), nn.Linear(n_features, self.hidden), nn.GELU(),
                              nn.Dropout(self.dropout), nn.Linear(self.hidden, n_classes))
 
-    def fit(self, X: Any, y: Any) -> MLPHead:
+    def validate_params(self) -> None:
+        """Raise :class:`UsageError` for a setting that cannot work (``fit`` calls this first)."""
         for name in ("hidden", "epochs", "batch_size"):
             if name == "epochs" and self.epochs is None:
                 continue
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise UsageError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        if not 0 <= self.dropout < 1:
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise UsageError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        for name in ("weight_decay", "lr"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                raise UsageError(f"{name} must be a number >= 0; got {getattr(self, name)!r}")
+        _check_class_weight(self.class_weight)
+
+    def fit(self, X: Any, y: Any) -> MLPHead:
+        self.validate_params()
         X, target = self._check_xy(X, y)
         k = len(self.classes_)
         generator = torch.Generator().manual_seed(self.seed)

@@ -56,13 +56,28 @@ class Run:
         info_path = path / RUN_FILE
         if not info_path.is_file():
             raise RunError(f"'{path}' is not a headstart run: it has no {RUN_FILE}")
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        if info.get("format") != RUN_FORMAT:
-            raise RunError(f"run '{path}' has format {info.get('format')}; this headstart reads format {RUN_FORMAT}")
-        head = load_head(path / HEAD_FILE)
-        metrics_path = path / "metrics.json"
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            if info.get("format") != RUN_FORMAT:
+                raise RunError(f"run '{path}' has format {info.get('format')}; this headstart reads format "
+                               f"{RUN_FORMAT}")
+            for key in ("class_names", "backbone", "data_config", "preprocessing"):
+                if key not in info:
+                    raise RunError(f"run '{path}' is incomplete: {RUN_FILE} lacks '{key}'")
+            head = load_head(path / HEAD_FILE)
+            metrics_path = path / "metrics.json"
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            if isinstance(exc, RunError):
+                raise
+            raise RunError(f"run '{path}' is damaged ({type(exc).__name__}: {exc}); train it again") from None
         return cls(path, info, head, metrics)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an output folder that exists and holds something other than a headstart run."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_FILE).is_file())):
+        raise RunError(f"--out '{out}' exists and is not a headstart run; choose a new folder or remove it")
 
 
 def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metrics: dict[str, Any],
@@ -73,8 +88,7 @@ def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metri
     refused, so a typo cannot wipe unrelated files.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_FILE).is_file())):
-        raise RunError(f"--out '{out}' exists and is not a headstart run; choose a new folder or remove it")
+    check_out_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
     staging.mkdir()

@@ -249,3 +249,78 @@ def test_list_image_paths(tree):
     assert len(paths) == 7 and len(bad) == 1
     with pytest.raises(DataNotFoundError):
         list_image_paths([tree / "nope"])
+
+
+# ------------------------------------------------------------------------------------------- edge cases
+
+
+def test_csv_quirks_are_reported_with_real_line_numbers(tmp_path):
+    make_tree(tmp_path / "imgs", per_class=2)
+    text = ("path,label\n\nimgs/red/red_0.png,red\nimgs/red/red_0.png,red\nimgs/blue/blue_0.png,blue,extra\n"
+            "imgs/blue/blue_1.png,blue\n,blue\n")
+    (tmp_path / "m.csv").write_text(text)
+    data = load_images(tmp_path / "m.csv", val_split=0)
+    assert len(data.train) == 2
+    reasons = {b.path.rsplit(":", 1)[-1]: b.reason for b in data.bad_files}
+    assert "duplicate row" in reasons["4"] and "more than the header" in reasons["5"]
+    assert "without a path or a label" in reasons["7"]
+
+
+def test_csv_conflicting_labels_and_encoding(tmp_path):
+    make_tree(tmp_path / "imgs", per_class=1)
+    (tmp_path / "m.csv").write_text("path,label\nimgs/red/red_0.png,red\nimgs/red/red_0.png,blue\n")
+    with pytest.raises(DataError, match="two labels"):
+        load_images(tmp_path / "m.csv")
+    (tmp_path / "latin.csv").write_bytes("path,label\nimgs/red/red_0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_images(tmp_path / "latin.csv")
+
+
+def test_csv_beside_a_symlinked_image_folder(tmp_path):
+    make_tree(tmp_path / "elsewhere", per_class=2)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "imgs").symlink_to(tmp_path / "elsewhere")
+    rows = ["path,label"] + [f"imgs/{c}/{c}_{i}.png,{c}" for c in ("red", "blue") for i in range(2)]
+    (tmp_path / "proj" / "m.csv").write_text("\n".join(rows))
+    assert len(load_images(tmp_path / "proj" / "m.csv", val_split=0).train) == 4
+
+
+@pytest.mark.parametrize(("train", "val"), [("Train", "Val"), ("training", "validation"), ("train", "valid")])
+def test_split_folder_names_are_matched_loosely(tmp_path, train, val):
+    make_tree(tmp_path / "d" / train, per_class=2)
+    make_tree(tmp_path / "d" / val, per_class=1)
+    data = load_images(tmp_path / "d")
+    assert data.layout == "train-val" and data.train.class_names == ["blue", "red"] and len(data.val) == 2
+
+
+def test_train_folder_alone_and_unlabelled_test_folder(tmp_path):
+    make_tree(tmp_path / "d" / "train", per_class=4)
+    make_image(tmp_path / "d" / "test" / "0001.png", (1, 1, 1))  # Kaggle-style: unlabelled
+    data = load_images(tmp_path / "d", val_split=0.25)
+    assert data.train.class_names == ["blue", "red"] and len(data.val) == 2
+    assert any("holds no class folders" in n for n in data.notes)
+
+
+def test_symlink_loops_are_not_followed_forever(tmp_path):
+    root = make_tree(tmp_path / "d", per_class=2)
+    (root / "red" / "loop").symlink_to(root / "red")
+    assert load_images(root, val_split=0).train.class_counts() == {"blue": 2, "red": 2}
+
+
+def test_split_keeps_identical_files_together():
+    labels = np.array([0] * 10 + [1] * 10)
+    groups = [f"g{i // 2}" for i in range(20)]  # pairs of identical files
+    _train, val = stratified_split(labels, 0.3, seed=0, groups=groups)
+    side = {g: ("val" if i in set(val) else "train") for i, g in enumerate(groups)}
+    assert all(side[groups[i]] == ("val" if i in set(val) else "train") for i in range(20))
+    assert len(val) % 2 == 0 and len(val) > 0
+
+
+def test_single_class_is_fine_for_evaluation(tmp_path):
+    make_tree(tmp_path / "d", classes=("red",), per_class=2)
+    assert load_images(tmp_path / "d", val_split=0, min_classes=1).train.class_names == ["red"]
+
+
+def test_float_image_in_unit_range(tmp_path):
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    assert np.asarray(decode_image(tmp_path / "f.tif")).mean() == pytest.approx(128, abs=1)

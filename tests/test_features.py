@@ -153,7 +153,7 @@ def test_unreadable_path_is_reported(tmp_path, backbone, cache):
     good = make_image(tmp_path / "a.png", (1, 2, 3))
     result = _extract(backbone, [good, tmp_path / "gone.png"], cache)
     assert result.ok.tolist() == [True, False]
-    assert "cannot read file" in result.bad_files[0].reason
+    assert result.bad_files[0].reason == "file not found"
 
 
 def test_worker_processes_give_the_same_features(tree, backbone, tmp_path):
@@ -161,3 +161,77 @@ def test_worker_processes_give_the_same_features(tree, backbone, tmp_path):
         a = _extract(backbone, _paths(tree), c0, num_workers=0)
         b = _extract(backbone, _paths(tree), c2, num_workers=2)
     np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_transient_failure_is_not_remembered(tmp_path, backbone, cache, monkeypatch):
+    from headstart.data import ImageDecodeError
+
+    image = make_image(tmp_path / "a.png", (9, 9, 9))
+    real = feat.decode_bytes
+
+    def flaky(data, path):
+        raise ImageDecodeError(f"{path}: cannot read file (I/O error)", permanent=False)
+
+    monkeypatch.setattr(feat, "decode_bytes", flaky)
+    assert not _extract(backbone, [image], cache).ok[0]
+    monkeypatch.setattr(feat, "decode_bytes", real)
+    assert _extract(backbone, [image], cache).ok[0]
+
+
+def test_decode_failures_are_tied_to_the_decoder(tmp_path, backbone, cache, monkeypatch):
+    broken = tmp_path / "b.jpg"
+    broken.write_text("not an image")
+    assert not _extract(backbone, [broken], cache).ok[0]
+    assert cache.failures([cache.image_keys([broken])[0][0]], feat.decoder_id())
+    monkeypatch.setattr(feat, "decoder_id", lambda: "a newer decoder")
+    calls = []
+    real = feat.decode_bytes
+    monkeypatch.setattr(feat, "decode_bytes", lambda data, path: calls.append(path) or real(data, path))
+    assert not _extract(backbone, [broken], cache).ok[0]
+    assert calls  # retried with the new decoder, not served from the old verdict
+
+
+def test_same_size_same_mtime_rewrite_is_rehashed(tmp_path, backbone, cache):
+    import os
+
+    a = make_image(tmp_path / "a.bmp", (200, 0, 0), size=32)
+    b = make_image(tmp_path / "b.bmp", (0, 0, 200), size=32)
+    first = _extract(backbone, [a], cache)
+    stat = a.stat()
+    a.write_bytes(b.read_bytes())  # same size (BMP) ...
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the old mtime, as cp -p would leave
+    second = _extract(backbone, [a], cache)
+    assert second.n_computed == 1
+    assert not np.allclose(first.features[0], second.features[0])
+
+
+def test_missing_shard_is_recomputed(tree, backbone, cache):
+    first = _extract(backbone, _paths(tree), cache)
+    for shard in (cache.root / "shards").rglob("*.npy"):
+        shard.unlink()
+    cache._shards.clear()
+    again = _extract(backbone, _paths(tree), cache)
+    assert again.ok.all() and again.n_computed == 12
+    np.testing.assert_array_equal(first.features, again.features)
+
+
+def test_feature_is_filed_under_the_bytes_really_decoded(tmp_path, backbone, cache, monkeypatch):
+    image = make_image(tmp_path / "a.png", (5, 100, 5))
+    real_key = cache.image_keys([image])[0][0]
+    monkeypatch.setattr(cache, "image_keys", lambda paths: (["stale-hash"], {}))  # file changed after hashing
+    result = _extract(backbone, [image], cache)
+    assert result.ok[0]
+    monkeypatch.undo()
+    probe = _extract(backbone, [image], cache)
+    assert probe.n_computed == 0 and np.array_equal(probe.features, result.features)
+    assert real_key in cache.lookup(result.model_key, [real_key, "stale-hash"])
+    assert "stale-hash" not in cache.lookup(result.model_key, [real_key, "stale-hash"])
+
+
+def test_bad_batch_size_is_a_usage_error(tree, backbone, cache):
+    from headstart.errors import UsageError
+
+    with pytest.raises(UsageError, match="batch_size"):
+        _extract(backbone, _paths(tree), cache, batch_size=0)
+    with pytest.raises(UsageError, match="num_workers"):
+        _extract(backbone, _paths(tree), cache, num_workers=-1)
