@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
@@ -84,7 +85,7 @@ def extract(
             "weights_digest": bb.weights_digest, "cache_dir": root}
 
 
-def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray, bar: Any = None) -> dict[str, Any]:
     smallest = int(np.bincount(y).min())
     if config.cv < 2 or smallest < config.cv:
         raise UsageError(f"--cv {config.cv} needs >= 2 folds and at least {config.cv} usable images in every "
@@ -96,6 +97,8 @@ def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[s
     for train_idx, test_idx in folds:
         head = make_head(config.head, **config.head_params).fit(x[train_idx], y[train_idx])
         scores.append(head.score(x[test_idx], y[test_idx]))
+        if bar is not None:
+            bar.update(1)
     return {"folds": config.cv, "accuracy": float(np.mean(scores)), "std": float(np.std(scores)),
             "fold_accuracy": [float(s) for s in scores]}
 
@@ -156,11 +159,15 @@ def train(
                         f"bad file(s), e.g. {examples}")
     metrics: dict[str, Any] = {"n_train": len(y_train)}
     head_start = time.perf_counter()
+    with tqdm(total=config.cv + 1, desc=f"{config.head} head", unit="fit", file=sys.stderr,
+              disable=not progress, leave=False) as bar:
+        if config.cv:
+            metrics["cv"] = _cross_validate(config, x_train, y_train, bar)
+        head = make_head(config.head, **config.head_params).fit(x_train, np.asarray(names)[y_train])
+        bar.update(1)
     if config.cv:
-        metrics["cv"] = _cross_validate(config, x_train, y_train)
         _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
                        f"(+/- {metrics['cv']['std']:.4f})")
-    head = make_head(config.head, **config.head_params).fit(x_train, np.asarray(names)[y_train])
     metrics["head_seconds"] = round(time.perf_counter() - head_start, 3)
     if val_set is not None:
         val_ok = result.ok[n_train:]

@@ -216,7 +216,7 @@ class MLPHead(_Head):
         weight_decay: AdamW weight decay.
         lr: peak learning rate of the cosine schedule.
         epochs: passes over the data; ``None`` picks enough for about 600 optimiser steps
-            (at least 30 epochs), so small data sets are not under-trained.
+            (at least 10 epochs), so small data sets are not under-trained.
         batch_size: rows per step.
         class_weight: ``None``, ``"balanced"`` or a dict class -> weight.
         seed: initialisation and shuffling seed.
@@ -268,7 +268,7 @@ class MLPHead(_Head):
         cw = torch.from_numpy(_class_weights(target, k, self.class_weight, self.classes_)).float()
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = math.ceil(len(X) / self.batch_size)
-        epochs = self.epochs if self.epochs is not None else max(30, math.ceil(600 / steps_per_epoch))
+        epochs = self.epochs if self.epochs is not None else max(10, math.ceil(600 / steps_per_epoch))
         total = epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
