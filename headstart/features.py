@@ -4,6 +4,11 @@
 decodes and forwards only the images it lacks (in DataLoader worker processes, batched, bf16 and
 channels-last on CPUs with AMX), and flushes new rows to the cache every ``flush_every`` images and on
 any interruption, so nothing computed is lost and a re-run resumes where it stopped.
+
+:func:`extract_views` does the same for several *views* of each image in one decoding pass: the clean
+view and K augmented views (an augmented feature cache). Each view has its own cache key (augmentation
+config + view index), and an augmented view's randomness is seeded from (seed, image content, view
+index) alone, so the same view is reproduced whatever the number of workers or the image order.
 """
 
 from __future__ import annotations
@@ -32,12 +37,78 @@ from .preprocess import decoder_id, eval_transform, preprocessing_signature, res
 CUT_POOLED = "pooled"
 
 
+class View:
+    """How one view of an image is made: decoded RGB image (+ its content key) -> normalised tensor.
+
+    Args:
+        transform: ``transform(image, image_key) -> float tensor (3, H, W)``; must be picklable
+            (it runs in DataLoader workers).
+        description: what, besides backbone and preprocessing, identifies this view in cache keys.
+    """
+
+    def __init__(self, transform: Any, description: dict[str, Any]) -> None:
+        self.transform = transform
+        self.description = description
+
+
+class CleanTransform:
+    """The backbone's own evaluation preprocessing (resize, centre crop, normalise)."""
+
+    def __init__(self, data_config: dict[str, Any]) -> None:
+        self.data_config = data_config
+        self._transform = None
+
+    def __call__(self, image: Any, image_key: str) -> torch.Tensor:
+        if self._transform is None:
+            self._transform = eval_transform(self.data_config)
+        return self._transform(image)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"data_config": self.data_config, "_transform": None}
+
+
+class AugmentedTransform:
+    """One augmented view: ``pipeline(image, generator)`` -> uint8 (3, H, W), then the backbone's mean/std.
+
+    The generator is seeded from ``(seed, image content hash, view index)``.
+    """
+
+    def __init__(self, pipeline: Any, data_config: dict[str, Any], seed: int, view: int) -> None:
+        self.pipeline = pipeline
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(3, 1, 1)
+        self.seed = seed
+        self.view = view
+
+    def __call__(self, image: Any, image_key: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(view_seed(self.seed, image_key, self.view))
+        out = self.pipeline(image, generator=generator)
+        return (out.float() / 255.0 - self.mean) / self.std
+
+
+def view_seed(seed: int, image_key: str, view: int) -> int:
+    """A 63-bit seed that depends only on the run seed, the image's content and the view index."""
+    return int(hashlib.sha256(f"{seed}|{image_key}|{view}".encode()).hexdigest()[:15], 16)
+
+
+def clean_view(data_config: dict[str, Any]) -> View:
+    return View(CleanTransform(data_config), {"view": "clean"})
+
+
+def augmented_views(pipeline: Any, data_config: dict[str, Any], n_views: int, seed: int = 0) -> list[View]:
+    """``n_views`` augmented views; view ``v`` has the same cache key in any run with the same pipeline and seed."""
+    config = pipeline.config()
+    return [View(AugmentedTransform(pipeline, data_config, seed, v),
+                 {"view": "augmented", "augment": config, "seed": seed, "index": v}) for v in range(n_views)]
+
+
 @dataclass
 class FeatureResult:
     """Features of a list of images.
 
     Attributes:
-        features: float32 ``(n, dim)``; rows of images that failed are zero.
+        features: float32 ``(n, dim)`` (``(n, n_views, dim)`` from :func:`extract_views`); rows of
+            images that failed are zero.
         ok: bool ``(n,)``; False where the image could not be read or decoded.
         bad_files: one :class:`BadFile` per failed image.
         n_computed / n_cached: how many rows needed a backbone forward / came from the cache.
@@ -50,38 +121,8 @@ class FeatureResult:
     n_cached: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
-    model_key: str = ""
+    model_key: str = ""  # of the first view
     precision: str = ""
-
-
-class _ImageFiles(Dataset):
-    """Reads each file once: the same bytes are hashed and decoded, so a feature is always filed
-    under the hash of the content it was computed from, even if the file changes meanwhile."""
-
-    def __init__(self, paths: Sequence[Path], transform: Any, input_size: Sequence[int]) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-        self.input_size = tuple(input_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str, str, bool]:
-        """(index, tensor, content sha256, error reason, error is permanent)"""
-        path = self.paths[i]
-        blank = torch.zeros(self.input_size)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc})"
-            return i, blank, "", reason, False
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            return i, self.transform(decode_bytes(data, path)), digest, "", False
-        except ImageDecodeError as exc:
-            return i, blank, digest, str(exc).removeprefix(f"{path}: "), exc.permanent
-        except Exception as exc:  # a transform failure on a strange image must not kill the run
-            return i, blank, digest, f"cannot preprocess image ({type(exc).__name__}: {exc})", False
 
 
 def default_num_workers() -> int:
@@ -91,15 +132,21 @@ def default_num_workers() -> int:
 
 
 def feature_description(backbone: Backbone, precision: str, cut: str = CUT_POOLED,
-                        dtype: str = "float16") -> dict[str, Any]:
-    """What, besides the image, determines a cached feature row; hashed into the model key."""
-    return {
+                        dtype: str = "float16", view: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What, besides the image, determines a cached feature row; hashed into the model key.
+
+    The clean view's description has no ``view`` entry, so its keys are those of plain extraction.
+    """
+    description = {
         "backbone": backbone.name,
         "weights_digest": backbone.weights_digest,
         "cut": cut,
         "preprocessing": preprocessing_signature(backbone.data_config, precision),
         "storage_dtype": dtype,
     }
+    if view is not None and view.get("view") != "clean":
+        description["view"] = view
+    return description
 
 
 @contextlib.contextmanager
@@ -118,6 +165,47 @@ def forward_batches(backbone: Backbone, batch: torch.Tensor, device: torch.devic
     with torch.inference_mode(), _autocast(device, precision):
         out = backbone.model(x)
     return out.float().cpu().numpy()
+
+
+class _ViewsOfFiles(Dataset):
+    """Item ``i``: every requested view of file ``i``, from one read and one decode.
+
+    The same bytes are hashed and decoded, so a feature is always filed under the hash of the content
+    it was computed from, even if the file changes meanwhile.
+    """
+
+    def __init__(self, paths: Sequence[Path], wanted: Sequence[Sequence[int]], views: Sequence[View],
+                 input_size: Sequence[int]) -> None:
+        self.paths = list(paths)
+        self.wanted = [list(w) for w in wanted]
+        self.transforms = [v.transform for v in views]
+        self.input_size = tuple(input_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path = self.paths[i]
+        item: dict[str, Any] = {"index": i, "digest": "", "error": "", "permanent": False,
+                                "views": self.wanted[i], "tensors": None}
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            item["error"] = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc})"
+            return item
+        item["digest"] = hashlib.sha256(data).hexdigest()
+        try:
+            image = decode_bytes(data, path)
+            item["tensors"] = torch.stack([self.transforms[v](image, item["digest"]) for v in self.wanted[i]])
+        except ImageDecodeError as exc:
+            item["error"], item["permanent"] = str(exc).removeprefix(f"{path}: "), exc.permanent
+        except Exception as exc:  # a transform failure on a strange image must not kill the run
+            item["error"] = f"cannot preprocess image ({type(exc).__name__}: {exc})"
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
 
 
 def extract_features(
@@ -147,45 +235,80 @@ def extract_features(
         progress: show a progress bar on stderr.
 
     Returns:
-        FeatureResult; ``result.n_computed == 0`` on a warm cache.
+        FeatureResult with ``features`` of shape ``(n, dim)``; ``n_computed == 0`` on a warm cache.
+    """
+    result = extract_views(backbone, paths, [clean_view(backbone.data_config)], cache=cache,
+                           batch_size=batch_size, num_workers=num_workers, precision=precision, device=device,
+                           flush_every=flush_every, progress=progress, desc=desc)
+    result.features = result.features[:, 0]
+    return result
+
+
+def extract_views(
+    backbone: Backbone,
+    paths: Sequence[str | os.PathLike[str]],
+    views: Sequence[View],
+    *,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    precision: str = "auto",
+    device: str | torch.device | None = None,
+    flush_every: int = 256,
+    progress: bool = True,
+    desc: str = "features",
+) -> FeatureResult:
+    """Features of several views of every image (e.g. clean + K augmented), through the cache.
+
+    Each image is read and decoded once for all of its missing views. Arguments as in
+    :func:`extract_features`; ``batch_size`` counts forwarded views.
+
+    Returns:
+        FeatureResult with ``features`` of shape ``(n, len(views), dim)``; ``n_computed`` counts views.
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise UsageError(f"batch_size must be a positive integer; got {batch_size!r}")
     if num_workers is not None and not (isinstance(num_workers, int) and num_workers >= 0):
         raise UsageError(f"num_workers must be an integer >= 0 (0 decodes in this process); got {num_workers!r}")
+    if not views:
+        raise UsageError("extract_views needs at least one view")
     if cache is None:
         with FeatureCache() as own:
-            return extract_features(backbone, paths, cache=own, batch_size=batch_size, num_workers=num_workers,
-                                    precision=precision, device=device, flush_every=flush_every,
-                                    progress=progress, desc=desc)
+            return extract_views(backbone, paths, views, cache=own, batch_size=batch_size,
+                                 num_workers=num_workers, precision=precision, device=device,
+                                 flush_every=flush_every, progress=progress, desc=desc)
     start = time.perf_counter()
     paths = [Path(p) for p in paths]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    description = feature_description(backbone, precision, dtype=cache.dtype.name)
-    key = model_key(description)
+    keys = []
+    for view in views:
+        description = feature_description(backbone, precision, dtype=cache.dtype.name, view=view.description)
+        keys.append(model_key(description))
+        cache.register_model(keys[-1], description, backbone.num_features)
     decoder = decoder_id()
-    cache.register_model(key, description, backbone.num_features)
-
-    n = len(paths)
+    n, n_views = len(paths), len(views)
     image_keys, bad = cache.image_keys(paths)
     n_computed = 0
     n_cached: int | None = None
     for _attempt in range(3):  # a missing shard drops its rows; the next pass recomputes them
         valid = [k for k in image_keys if k is not None]
-        located = cache.lookup(key, valid)
+        located = [cache.lookup(key, valid) for key in keys]
         if n_cached is None:
-            n_cached = sum(1 for k in image_keys if k is not None and k in located)
-        known_failures = cache.failures([k for k in valid if k not in located], decoder)
-        todo: dict[str, int] = {}  # one forward per distinct content neither cached nor known undecodable
+            n_cached = sum(1 for k in image_keys if k is not None for loc in located if k in loc)
+        known_failures = cache.failures([k for k in valid if not all(k in loc for loc in located)], decoder)
+        todo: dict[str, tuple[int, list[int]]] = {}  # content -> (first path index, missing views)
         for i, k in enumerate(image_keys):
-            if k is not None and k not in located and k not in known_failures and k not in todo:
-                todo[k] = i
+            if k is None or k in known_failures or k in todo:
+                continue
+            missing = [v for v in range(n_views) if k not in located[v]]
+            if missing:
+                todo[k] = (i, missing)
         if todo:
             computed, renamed, failed = _compute_missing(
-                backbone, paths, todo, cache, key, decoder, device, precision, batch_size, num_workers,
+                backbone, paths, todo, views, keys, cache, decoder, device, precision, batch_size, num_workers,
                 flush_every, progress, desc)
             n_computed += computed
             for i, k in enumerate(image_keys):
@@ -194,21 +317,25 @@ def extract_features(
                 if k in failed:
                     bad[i] = failed[k]
             valid = [k for k in image_keys if k is not None]
-            located = cache.lookup(key, valid)
-            known_failures = cache.failures([k for k in valid if k not in located], decoder)
-        features = np.zeros((n, backbone.num_features), dtype=np.float32)
-        ok = np.zeros(n, dtype=bool)
-        rows = [(i, located[k]) for i, k in enumerate(image_keys) if k is not None and k in located]
+            located = [cache.lookup(key, valid) for key in keys]
+            known_failures = cache.failures([k for k in valid if not all(k in loc for loc in located)], decoder)
+        features = np.zeros((n, n_views, backbone.num_features), dtype=np.float32)
+        ok = np.ones(n, dtype=bool)
         try:
-            if rows:
-                index, locations = zip(*rows)
-                features[list(index)] = cache.read(locations, backbone.num_features)
-                ok[list(index)] = True
+            for v in range(n_views):
+                rows = [(i, located[v][k]) for i, k in enumerate(image_keys) if k is not None and k in located[v]]
+                have = np.zeros(n, dtype=bool)
+                if rows:
+                    index, locations = zip(*rows)
+                    features[list(index), v] = cache.read(locations, backbone.num_features)
+                    have[list(index)] = True
+                ok &= have
         except MissingShardError:
             continue
         break
     else:  # pragma: no cover - only if shards vanish again and again while we run
         raise MissingShardError("several")
+    features[~ok] = 0.0
     for i, k in enumerate(image_keys):
         if not ok[i] and k is not None and i not in bad:
             bad[i] = known_failures.get(k, "no features (decoding failed in an earlier step)")
@@ -216,74 +343,77 @@ def extract_features(
     seconds = time.perf_counter() - start
     return FeatureResult(
         features=features, ok=ok, bad_files=bad_files, n_computed=n_computed, n_cached=n_cached or 0,
-        seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0, model_key=key,
+        seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0, model_key=keys[0],
         precision=precision,
     )
 
 
-def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, int], cache: FeatureCache,
-                     key: str, decoder: str, device: torch.device, precision: str, batch_size: int,
-                     num_workers: int | None, flush_every: int, progress: bool,
-                     desc: str) -> tuple[int, dict[str, str], dict[str, str]]:
-    """Decode and forward the ``todo`` images, flushing to the cache as it goes.
+def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tuple[int, list[int]]],
+                     views: Sequence[View], keys: Sequence[str], cache: FeatureCache, decoder: str,
+                     device: torch.device, precision: str, batch_size: int, num_workers: int | None,
+                     flush_every: int, progress: bool, desc: str) -> tuple[int, dict[str, str], dict[str, str]]:
+    """Decode and forward the missing views of the ``todo`` images, flushing to the cache as it goes.
 
     Returns:
-        (images forwarded, {expected hash: hash actually decoded}, {expected hash: failure reason}).
+        (views forwarded, {expected hash: hash actually decoded}, {expected hash: failure reason}).
     """
-    order = list(todo.items())  # (expected image key, path index)
-    dataset = _ImageFiles([paths[i] for _, i in order], eval_transform(backbone.data_config),
-                          backbone.data_config["input_size"])
+    order = list(todo.items())  # (expected image key, (path index, missing views))
+    dataset = _ViewsOfFiles([paths[i] for _, (i, _) in order], [m for _, (_, m) in order], views,
+                            backbone.data_config["input_size"])
+    per_image = max(len(m) for _, (_, m) in order)
+    images_per_batch = max(1, batch_size // per_image)
+    n_batches = (len(order) + images_per_batch - 1) // images_per_batch
     workers = default_num_workers() if num_workers is None else num_workers
-    workers = min(workers, max(0, (len(order) + batch_size - 1) // batch_size - 1))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                        pin_memory=device.type == "cuda")
+    workers = min(workers, max(0, n_batches - 1))
+    loader = DataLoader(dataset, batch_size=images_per_batch, num_workers=workers, shuffle=False,
+                        collate_fn=_collate, pin_memory=False)
     model = backbone.model.to(device).eval()
     model.to(memory_format=torch.channels_last)
-    pending_keys: list[str] = []
-    pending_rows: list[np.ndarray] = []
+    pending: dict[int, tuple[list[str], list[np.ndarray]]] = {v: ([], []) for v in range(len(views))}
     permanent: dict[str, str] = {}
     renamed: dict[str, str] = {}
     failed: dict[str, str] = {}
     computed = 0
 
     def flush() -> None:
-        if pending_keys:
-            cache.write(key, pending_keys, np.concatenate(pending_rows))
-            pending_keys.clear()
-            pending_rows.clear()
+        for v, (names, rows) in pending.items():
+            if names:
+                cache.write(keys[v], names, np.concatenate(rows))
+                names.clear()
+                rows.clear()
         cache.record_failures(permanent, decoder)
         permanent.clear()
 
     bar = tqdm(total=len(order), desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False)
     try:
-        for index, batch, digests, errors, is_permanent in loader:
-            good = []
-            for j, error in enumerate(errors):
-                expected, path_index = order[int(index[j])]
-                actual = digests[j] or expected
+        for items in loader:
+            tensors, owners = [], []
+            for item in items:
+                expected, (path_index, _) = order[item["index"]]
+                actual = item["digest"] or expected
                 if actual != expected:
                     renamed[expected] = actual
                     cache.remember_hash(paths[path_index], actual)
-                if error:
-                    failed[expected] = error
-                    if bool(is_permanent[j]):
-                        permanent[actual] = error
-                else:
-                    good.append(j)
-            if good:
-                out = forward_batches(backbone, batch[good], device, precision)
+                if item["error"]:
+                    failed[expected] = item["error"]
+                    if item["permanent"]:
+                        permanent[actual] = item["error"]
+                    continue
+                tensors.append(item["tensors"])
+                owners.extend((expected, actual, v) for v in item["views"])
+            if tensors:
+                out = forward_batches(backbone, torch.cat(tensors), device, precision)
                 finite = np.isfinite(out).all(axis=1)
-                for row, j in enumerate(good):
-                    expected = order[int(index[j])][0]
+                for row, (expected, actual, v) in enumerate(owners):
                     if finite[row]:
-                        pending_keys.append(digests[j] or expected)
+                        pending[v][0].append(actual)
+                        pending[v][1].append(out[row:row + 1])
+                        computed += 1
                     else:
                         failed[expected] = (f"the backbone gave non-finite features in {precision} "
                                             "(try --precision fp32)")
-                pending_rows.append(out[finite])
-                computed += int(finite.sum())
-            bar.update(len(errors))
-            if len(pending_keys) >= flush_every:
+            bar.update(len(items))
+            if sum(len(names) for names, _ in pending.values()) >= flush_every:
                 flush()
     finally:
         flush()  # on success and on interruption alike: computed rows are kept
