@@ -84,6 +84,24 @@ class _Head:
         self.n_features_in_ = X.shape[1]
         return X, encoded.astype(np.int64)
 
+    def _check_views(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validate ``X`` of shape ``(n_images, n_views, n_features)``; returns it and encoded labels."""
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 3 or X.shape[1] < 1:
+            raise UsageError(f"X must be a 3-D array (n_images, n_views, n_features); got shape {X.shape}")
+        flat, target = self._check_xy(X.reshape(len(X), -1), y)
+        self.n_features_in_ = X.shape[2]
+        return flat.reshape(X.shape), target
+
+    def fit_views(self, X: Any, y: Any) -> _Head:
+        """Fit on several views of each image (e.g. the clean view and K augmented views).
+
+        Args:
+            X: ``(n_images, n_views, n_features)``.
+            y: ``(n_images,)`` labels.
+        """
+        raise NotImplementedError
+
     def _standardizer(self, X: np.ndarray) -> _Standardize:
         std = _Standardize(X.shape[1])
         std.mean.copy_(torch.from_numpy(X.mean(0)))
@@ -176,7 +194,20 @@ class LinearHead(_Head):
     def fit(self, X: Any, y: Any) -> LinearHead:
         self.validate_params()
         X, target = self._check_xy(X, y)
-        decay = 1.0 / len(X) if self.weight_decay is None else float(self.weight_decay)
+        return self._fit(X, target, n_images=len(X))
+
+    def fit_views(self, X: Any, y: Any) -> LinearHead:
+        """Fit on every view of every image as its own sample (the expectation over views, full batch).
+
+        The default weight decay stays ``1 / n_images``: views of one image are not independent data.
+        """
+        self.validate_params()
+        X, target = self._check_views(X, y)
+        n, v, d = X.shape
+        return self._fit(X.reshape(n * v, d), np.repeat(target, v), n_images=n)
+
+    def _fit(self, X: np.ndarray, target: np.ndarray, n_images: int) -> LinearHead:
+        decay = 1.0 / n_images if self.weight_decay is None else float(self.weight_decay)
         k = len(self.classes_)
         module = self._build(X.shape[1], k)
         if self.standardize:
@@ -257,17 +288,27 @@ class MLPHead(_Head):
     def fit(self, X: Any, y: Any) -> MLPHead:
         self.validate_params()
         X, target = self._check_xy(X, y)
+        return self._fit(X[:, None, :], target)
+
+    def fit_views(self, X: Any, y: Any) -> MLPHead:
+        """Fit drawing, each epoch, one random view per image (seeded by ``seed``)."""
+        self.validate_params()
+        X, target = self._check_views(X, y)
+        return self._fit(X, target)
+
+    def _fit(self, X: np.ndarray, target: np.ndarray) -> MLPHead:
+        n, n_views, _ = X.shape
         k = len(self.classes_)
         generator = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            module = self._build(X.shape[1], k)
-        module[0] = self._standardizer(X)
+            module = self._build(X.shape[2], k)
+        module[0] = self._standardizer(X.reshape(-1, X.shape[2]))
         xt = torch.from_numpy(X)
         yt = torch.from_numpy(target)
         cw = torch.from_numpy(_class_weights(target, k, self.class_weight, self.classes_)).float()
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps_per_epoch = math.ceil(len(X) / self.batch_size)
+        steps_per_epoch = math.ceil(n / self.batch_size)
         epochs = self.epochs if self.epochs is not None else max(10, math.ceil(600 / steps_per_epoch))
         total = epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -276,10 +317,11 @@ class MLPHead(_Head):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             for _ in range(epochs):
-                perm = torch.randperm(len(X), generator=generator)
-                for start in range(0, len(X), self.batch_size):
+                perm = torch.randperm(n, generator=generator)
+                view = torch.randint(n_views, (n,), generator=generator) if n_views > 1 else torch.zeros(n, dtype=int)
+                for start in range(0, n, self.batch_size):
                     idx = perm[start:start + self.batch_size]
-                    loss = F.cross_entropy(module(xt[idx]), yt[idx], weight=cw)
+                    loss = F.cross_entropy(module(xt[idx, view[idx]]), yt[idx], weight=cw)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()

@@ -140,3 +140,21 @@ def test_make_head():
     assert isinstance(make_head("mlp", hidden=4), MLPHead)
     with pytest.raises(UsageError, match="linear, mlp"):
         make_head("forest")
+
+
+@pytest.mark.parametrize("make", HEADS)
+def test_fit_views(make):
+    x, y = blobs()
+    rng = np.random.default_rng(1)
+    views = np.stack([x, x + rng.normal(0, 0.3, x.shape).astype(np.float32)], axis=1)
+    head = make().fit_views(views, y)
+    assert head.n_features_in_ == 16 and head.score(x, y) > 0.9
+    with pytest.raises(UsageError, match="3-D"):
+        make().fit_views(x, y)
+
+
+def test_linear_fit_views_with_one_view_equals_fit():
+    x, y = blobs()
+    a = LinearHead().fit(x, y).predict_proba(x)
+    b = LinearHead().fit_views(x[:, None, :], y).predict_proba(x)
+    np.testing.assert_allclose(a, b, atol=1e-6)
