@@ -22,11 +22,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
+from .augmented import DEFAULT_AUG_VIEWS, build_training_pipeline
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .cache import FeatureCache
 from .data import BadFile, ImageSet, LoadedData, list_image_paths, load_images, stratified_split
 from .errors import DataError, RunError, UsageError
-from .features import FeatureResult, extract_features
+from .features import FeatureResult, augmented_views, clean_view, extract_features, extract_views
 from .heads import make_head
 from .metrics import classification_metrics
 from .preprocess import preprocessing_signature
@@ -48,6 +49,9 @@ class TrainConfig:
     batch_size: int = 32  # images per backbone forward
     num_workers: int | None = None  # decoding processes; None = one per spare core
     cache_dir: str | None = None  # feature cache; None = $HEADSTART_CACHE_DIR or the user cache
+    augment: str = "none"  # augmentation preset for the augmented feature cache: none, light, standard, heavy
+    aug_views: int | None = None  # augmented views cached per training image; None = 8 when augment is set
+    aug_params: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {"affine": {"degrees": 20}}
 
 
 def _log(progress: bool, message: str) -> None:
@@ -92,11 +96,11 @@ def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray, bar: Any 
                          f"class (the smallest class has {smallest}); lower --cv")
     from sklearn.model_selection import StratifiedKFold
 
-    folds = StratifiedKFold(config.cv, shuffle=True, random_state=config.seed).split(x, y)
+    folds = StratifiedKFold(config.cv, shuffle=True, random_state=config.seed).split(x[:, 0], y)
     scores = []
-    for train_idx, test_idx in folds:
-        head = make_head(config.head, **config.head_params).fit(x[train_idx], y[train_idx])
-        scores.append(head.score(x[test_idx], y[test_idx]))
+    for train_idx, test_idx in folds:  # x: (n, views, d); view 0 is the clean one
+        head = make_head(config.head, **config.head_params).fit_views(x[train_idx], y[train_idx])
+        scores.append(head.score(x[test_idx, 0], y[test_idx]))
         if bar is not None:
             bar.update(1)
     return {"folds": config.cv, "accuracy": float(np.mean(scores)), "std": float(np.std(scores)),
@@ -140,16 +144,27 @@ def train(
         bb = create_backbone(config.backbone, config.weights, memo=cache)
         _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
                        f"input {bb.data_config['input_size'][1]}px; frozen: all layers (head-only training)")
-        all_paths = train_set.paths + (val_set.paths if val_set else [])
-        result = extract_features(bb, all_paths, cache=cache, precision=config.precision,
-                                  batch_size=config.batch_size, num_workers=config.num_workers, progress=progress)
-    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
-    _log(progress, f"features: {result.n_computed} computed, {result.n_cached} from cache, "
-                   f"{len(result.bad_files)} bad, {result.seconds:.1f}s")
+        views = [clean_view(bb.data_config)]
+        pipeline = None
+        if config.augment != "none":
+            pipeline = build_training_pipeline(config.augment, bb.data_config["input_size"][1:], config.aug_params,
+                                               train_set.paths, cache, seed=config.seed, progress=progress)
+            views += augmented_views(pipeline, bb.data_config, config.aug_views, seed=config.seed)
+            _log(progress, f"augmentation '{config.augment}': {config.aug_views} cached views per training image")
+        common = {"cache": cache, "precision": config.precision, "batch_size": config.batch_size,
+                  "num_workers": config.num_workers, "progress": progress}
+        result = extract_views(bb, train_set.paths, views, **common)
+        val_result = extract_features(bb, val_set.paths, desc="val features", **common) if val_set else None
+    feature_bad = result.bad_files + (val_result.bad_files if val_result else [])
+    bad = [b.to_dict() for b in loaded.bad_files + feature_bad]
+    n_computed = result.n_computed + (val_result.n_computed if val_result else 0)
+    n_cached = result.n_cached + (val_result.n_cached if val_result else 0)
+    feature_seconds = result.seconds + (val_result.seconds if val_result else 0.0)
+    _log(progress, f"features: {n_computed} computed, {n_cached} from cache, {len(feature_bad)} bad, "
+                   f"{feature_seconds:.1f}s")
     for item in bad:
         _log(progress, f"skipped {item['path']}: {item['reason']}")
-    n_train = len(train_set)
-    x_train, y_train = result.features[:n_train][result.ok[:n_train]], train_set.labels[result.ok[:n_train]]
+    x_train, y_train = result.features[result.ok], train_set.labels[result.ok]  # (n, views, d)
     names = train_set.class_names
     present = np.bincount(y_train, minlength=len(names))
     if (present == 0).any():
@@ -163,15 +178,14 @@ def train(
               disable=not progress, leave=False) as bar:
         if config.cv:
             metrics["cv"] = _cross_validate(config, x_train, y_train, bar)
-        head = make_head(config.head, **config.head_params).fit(x_train, np.asarray(names)[y_train])
+        head = make_head(config.head, **config.head_params).fit_views(x_train, np.asarray(names)[y_train])
         bar.update(1)
     if config.cv:
         _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
                        f"(+/- {metrics['cv']['std']:.4f})")
     metrics["head_seconds"] = round(time.perf_counter() - head_start, 3)
-    if val_set is not None:
-        val_ok = result.ok[n_train:]
-        x_val, y_val = result.features[n_train:][val_ok], val_set.labels[val_ok]
+    if val_set is not None and val_result is not None:
+        x_val, y_val = val_result.features[val_result.ok], val_set.labels[val_result.ok]
         if len(y_val):
             proba = _align(head.predict_proba(x_val), head.classes_, names)
             metrics["val"] = classification_metrics(y_val, proba, names)
@@ -179,8 +193,8 @@ def train(
         else:
             _log(progress, "warning: no usable validation image (all failed to decode); no validation metrics")
     metrics["seconds"] = round(time.perf_counter() - start, 3)
-    metrics["features"] = {"n_computed": result.n_computed, "n_cached": result.n_cached,
-                           "seconds": round(result.seconds, 3)}
+    metrics["features"] = {"n_computed": n_computed, "n_cached": n_cached, "seconds": round(feature_seconds, 3),
+                           "views_per_train_image": len(views)}
     info = {
         "headstart_version": __version__,
         "class_names": names,
@@ -189,6 +203,8 @@ def train(
         "preprocessing": preprocessing_signature(bb.data_config, result.precision),
         "data_config": bb.data_config,
         "config": asdict(config),
+        "augmentation": None if pipeline is None else {"pipeline": pipeline.config(), "views": config.aug_views,
+                                                       "seed": config.seed},
         "data": {"source": str(data), "layout": loaded.layout, "val_from": val_from,
                  "n_train": len(y_train), "n_val": int(metrics.get("val", {}).get("n_images", 0)),
                  "class_counts": train_set.class_counts(), "n_bad_files": len(bad)},
@@ -218,6 +234,17 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
         raise UsageError(f"num_workers must be an integer >= 0; got {config.num_workers!r}")
     if not 0.0 <= config.val_split < 1.0:
         raise UsageError(f"val_split must be in [0, 1); got {config.val_split}. Use e.g. 0.2 to hold out 20%")
+    if config.augment == "none" and config.aug_views:
+        raise UsageError(f"aug_views={config.aug_views} needs an augmentation preset; add e.g. --augment standard")
+    if config.augment != "none":
+        from .transforms import PRESETS
+
+        if config.augment not in PRESETS:
+            raise UsageError(f"augment must be one of {', '.join(PRESETS)}; got '{config.augment}'")
+        if config.aug_views is None:
+            config.aug_views = DEFAULT_AUG_VIEWS
+        if not (isinstance(config.aug_views, int) and config.aug_views >= 1):
+            raise UsageError(f"aug_views must be a positive integer; got {config.aug_views!r}")
     if config.cv < 0 or config.cv == 1:
         raise UsageError(f"cv must be 0 (off) or at least 2 folds; got {config.cv}")
     check_out_folder(out)

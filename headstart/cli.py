@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and head (default: 0)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
+    p.add_argument("--augment", choices=["none", "light", "standard", "heavy"], default="none",
+                   help="augmentation preset: caches --aug-views augmented views of each training image and "
+                        "trains the head on them too (default: none; see docs/augmentation.md)")
+    p.add_argument("--aug-views", type=int, default=None,
+                   help="augmented views cached per training image (default: 8 when --augment is set)")
+    p.add_argument("--aug-param", action="append", default=[], metavar="STEP.PARAM=VALUE",
+                   help="override one augmentation hyperparameter, e.g. affine.degrees=20 (repeatable; "
+                        "VALUE is JSON, e.g. '[0.5,1.0]')")
     p.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
     _add_common(p)
     p.set_defaults(func=cmd_train)
@@ -114,6 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list on stdout")
     p.set_defaults(func=cmd_backbones)
 
+    p = sub.add_parser("augment-preview", help="write a PNG grid of images and their augmented views",
+                       description="Look before training: per image, one row with the original and one with "
+                                   "augmented views.")
+    p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--preset", choices=["none", "light", "standard", "heavy"], default="standard")
+    p.add_argument("--n", type=int, default=16, help="images to show (default: 16, spread over the classes)")
+    p.add_argument("--views", type=int, default=7, help="augmented views per image (default: 7)")
+    p.add_argument("--size", type=int, default=224, help="output size of a view in pixels (default: 224)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aug-param", action="append", default=[], metavar="STEP.PARAM=VALUE",
+                   help="override one augmentation hyperparameter (repeatable)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--cache-dir", default=None, help="where fitted PCA colour statistics are remembered")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_augment_preview)
+
+    p = sub.add_parser("pca-stats", help="fit and print the RGB PCA colour statistics of a data set",
+                       description="AlexNet-style PCA colour statistics (eigenvalues and eigenvectors of the RGB "
+                                   "covariance) of the images in DATA; remembered in the cache for training.")
+    p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
+    p.add_argument("--seed", type=int, default=0, help="pixel-sampling seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_pca_stats)
+
     p = sub.add_parser("demo", help="the whole recipe on real photos that ship with scikit-image, offline")
     p.add_argument("--out", default="headstart-demo", help="folder for the demo images and run (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -129,12 +164,31 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
+def parse_aug_params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["affine.degrees=20"]`` -> ``{"affine": {"degrees": 20}}``; VALUE is parsed as JSON when it can be."""
+    from .errors import UsageError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, eq, raw = item.partition("=")
+        step, dot, param = name.partition(".")
+        if not eq or not dot or not step or not param:
+            raise UsageError(f"--aug-param '{item}' must look like STEP.PARAM=VALUE, e.g. affine.degrees=20")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare word, e.g. fill=reflect
+        out.setdefault(step, {})[param] = value
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import TrainConfig, train
 
     config = TrainConfig(backbone=args.backbone, weights=args.weights, head=args.head, head_params=_head_params(args),
                          val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
-                         batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir)
+                         batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
+                         augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param))
     run = train(args.data, args.out, config, progress=not args.quiet)
     summary = {"run": str(run.path), "class_names": run.class_names, **run.metrics}
     if args.json:
@@ -235,6 +289,35 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     else:
         print(_table([[r["name"], r["weights"]] for r in rows], ["backbone", "weights"]))
+    return EXIT_OK
+
+
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    from .augmented import preview
+
+    result = preview(args.data, args.out, preset=args.preset, n=args.n, n_views=args.views, size=args.size,
+                     seed=args.seed, overrides=parse_aug_params(args.aug_param), cache_dir=args.cache_dir,
+                     progress=not args.quiet)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {result['out']}: {len(result['images'])} images x (original + {result['views']} "
+              f"'{result['preset']}' views), {result['size'][0]}x{result['size'][1]} px")
+    return EXIT_OK
+
+
+def cmd_pca_stats(args: argparse.Namespace) -> int:
+    from .augmented import pca_stats
+
+    stats = pca_stats(args.data, cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
+    if args.json:
+        _print_json(stats)
+        return EXIT_OK
+    print(f"RGB PCA colour statistics of {stats['n_images']} images (pixel values on a 0..1 scale unless noted)")
+    vectors = stats["eigvecs"]  # column k is the eigenvector of eigenvalue k
+    for k, value in enumerate(stats["eigvals"]):
+        r, g, b = (vectors[row][k] for row in range(3))
+        print(f"  component {k + 1}: eigenvalue {value:.6f}  eigenvector (R, G, B) = ({r:+.4f}, {g:+.4f}, {b:+.4f})")
     return EXIT_OK
 
 
