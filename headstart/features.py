@@ -123,6 +123,8 @@ class FeatureResult:
     images_per_second: float = 0.0
     model_key: str = ""  # of the first view
     precision: str = ""
+    locations: list[list[tuple[str, int] | None]] = field(default_factory=list)  # [view][image] -> (shard, row)
+    dim: int = 0
 
 
 def default_num_workers() -> int:
@@ -159,12 +161,25 @@ def _autocast(device: torch.device, precision: str):
         yield
 
 
-def forward_batches(backbone: Backbone, batch: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
-    """Pooled features of a preprocessed batch as float32 numpy."""
+class Cut:
+    """Where features are taken: a name for cache keys, ``forward(model, x)``, and the flat row length.
+
+    The default (``None`` in the functions below) is the pooled feature vector, ``model(x)``.
+    """
+
+    def __init__(self, name: str, forward: Any, dim: int) -> None:
+        self.name = name
+        self.forward = forward
+        self.dim = dim
+
+
+def forward_batches(backbone: Backbone, batch: torch.Tensor, device: torch.device, precision: str,
+                    cut: Cut | None = None) -> np.ndarray:
+    """Features of a preprocessed batch as float32 numpy ``(n, dim)`` (pooled, or flattened at ``cut``)."""
     x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), _autocast(device, precision):
-        out = backbone.model(x)
-    return out.float().cpu().numpy()
+        out = backbone.model(x) if cut is None else cut.forward(backbone.model, x)
+    return out.float().reshape(len(out), -1).cpu().numpy()
 
 
 class _ViewsOfFiles(Dataset):
@@ -257,8 +272,14 @@ def extract_views(
     flush_every: int = 256,
     progress: bool = True,
     desc: str = "features",
+    cut: Cut | None = None,
+    load: bool = True,
 ) -> FeatureResult:
     """Features of several views of every image (e.g. clean + K augmented), through the cache.
+
+    With ``cut``, rows are the flattened activations at that cut point instead of pooled features.
+    With ``load=False`` nothing is read back: ``result.locations[v][i]`` says where image ``i``'s
+    view ``v`` lives, for :meth:`FeatureCache.read` on demand (memory-mapped, batch by batch).
 
     Each image is read and decoded once for all of its missing views. Arguments as in
     :func:`extract_features`; ``batch_size`` counts forwarded views.
@@ -276,18 +297,20 @@ def extract_views(
         with FeatureCache() as own:
             return extract_views(backbone, paths, views, cache=own, batch_size=batch_size,
                                  num_workers=num_workers, precision=precision, device=device,
-                                 flush_every=flush_every, progress=progress, desc=desc)
+                                 flush_every=flush_every, progress=progress, desc=desc, cut=cut, load=load)
     start = time.perf_counter()
     paths = [Path(p) for p in paths]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     precision = resolve_precision(precision, device)
+    dim = backbone.num_features if cut is None else cut.dim
     keys = []
     for view in views:
-        description = feature_description(backbone, precision, dtype=cache.dtype.name, view=view.description)
+        description = feature_description(backbone, precision, cut=CUT_POOLED if cut is None else cut.name,
+                                          dtype=cache.dtype.name, view=view.description)
         keys.append(model_key(description))
-        cache.register_model(keys[-1], description, backbone.num_features)
+        cache.register_model(keys[-1], description, dim)
     decoder = decoder_id()
     n, n_views = len(paths), len(views)
     image_keys, bad = cache.image_keys(paths)
@@ -309,7 +332,7 @@ def extract_views(
         if todo:
             computed, renamed, failed = _compute_missing(
                 backbone, paths, todo, views, keys, cache, decoder, device, precision, batch_size, num_workers,
-                flush_every, progress, desc)
+                flush_every, progress, desc, cut)
             n_computed += computed
             for i, k in enumerate(image_keys):
                 if k in renamed:  # the file changed after hashing: use what was really decoded
@@ -319,15 +342,20 @@ def extract_views(
             valid = [k for k in image_keys if k is not None]
             located = [cache.lookup(key, valid) for key in keys]
             known_failures = cache.failures([k for k in valid if not all(k in loc for loc in located)], decoder)
-        features = np.zeros((n, n_views, backbone.num_features), dtype=np.float32)
+        features = np.zeros((n, n_views, dim if load else 0), dtype=np.float32)
         ok = np.ones(n, dtype=bool)
+        where: list[list[tuple[str, int] | None]] = []
         try:
             for v in range(n_views):
                 rows = [(i, located[v][k]) for i, k in enumerate(image_keys) if k is not None and k in located[v]]
                 have = np.zeros(n, dtype=bool)
+                where.append([None] * n)
                 if rows:
                     index, locations = zip(*rows)
-                    features[list(index), v] = cache.read(locations, backbone.num_features)
+                    if load:
+                        features[list(index), v] = cache.read(locations, dim)
+                    for i, loc in rows:
+                        where[v][i] = loc
                     have[list(index)] = True
                 ok &= have
         except MissingShardError:
@@ -344,14 +372,15 @@ def extract_views(
     return FeatureResult(
         features=features, ok=ok, bad_files=bad_files, n_computed=n_computed, n_cached=n_cached or 0,
         seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0, model_key=keys[0],
-        precision=precision,
+        precision=precision, locations=where, dim=dim,
     )
 
 
 def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tuple[int, list[int]]],
                      views: Sequence[View], keys: Sequence[str], cache: FeatureCache, decoder: str,
                      device: torch.device, precision: str, batch_size: int, num_workers: int | None,
-                     flush_every: int, progress: bool, desc: str) -> tuple[int, dict[str, str], dict[str, str]]:
+                     flush_every: int, progress: bool, desc: str,
+                     cut: Cut | None = None) -> tuple[int, dict[str, str], dict[str, str]]:
     """Decode and forward the missing views of the ``todo`` images, flushing to the cache as it goes.
 
     Returns:
@@ -402,7 +431,7 @@ def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tupl
                 tensors.append(item["tensors"])
                 owners.extend((expected, actual, v) for v in item["views"])
             if tensors:
-                out = forward_batches(backbone, torch.cat(tensors), device, precision)
+                out = forward_batches(backbone, torch.cat(tensors), device, precision, cut)
                 finite = np.isfinite(out).all(axis=1)
                 for row, (expected, actual, v) in enumerate(owners):
                     if finite[row]:

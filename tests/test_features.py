@@ -31,9 +31,9 @@ def counting(monkeypatch):
     calls = {"images": 0}
     real = feat.forward_batches
 
-    def wrapper(backbone, batch, device, precision):
+    def wrapper(backbone, batch, device, precision, cut=None):
         calls["images"] += len(batch)
-        return real(backbone, batch, device, precision)
+        return real(backbone, batch, device, precision, cut)
 
     monkeypatch.setattr(feat, "forward_batches", wrapper)
     return calls
