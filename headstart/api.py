@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -28,10 +30,12 @@ from .cache import FeatureCache
 from .data import BadFile, ImageSet, LoadedData, list_image_paths, load_images, stratified_split
 from .errors import DataError, RunError, UsageError
 from .features import FeatureResult, augmented_views, clean_view, extract_features, extract_views
+from .finetune import choose_freeze, parse_freeze
 from .heads import make_head
 from .metrics import classification_metrics
 from .preprocess import preprocessing_signature
 from .runs import Run, write_run
+from .stages import stage_plan
 
 
 @dataclass
@@ -52,6 +56,9 @@ class TrainConfig:
     augment: str = "none"  # augmentation preset for the augmented feature cache: none, light, standard, heavy
     aug_views: int | None = None  # augmented views cached per training image; None = 8 when augment is set
     aug_params: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {"affine": {"degrees": 20}}
+    freeze: str = "all"  # "all" (head only), "none", "auto", or N = freeze the first N stages
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields (epochs, lr, ...)
+    resume: bool = False  # continue an interrupted fine-tuning run from its last checkpoint
 
 
 def _log(progress: bool, message: str) -> None:
@@ -143,7 +150,16 @@ def train(
         train_set, val_set, val_from = _split(loaded, config, cache, progress)
         bb = create_backbone(config.backbone, config.weights, memo=cache)
         _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
-                       f"input {bb.data_config['input_size'][1]}px; frozen: all layers (head-only training)")
+                       f"input {bb.data_config['input_size'][1]}px")
+        freeze = parse_freeze(config.freeze)
+        if freeze == "auto":
+            counts = np.bincount(train_set.labels, minlength=len(train_set.class_names)).tolist()
+            freeze, reason = choose_freeze(counts, len(stage_plan(bb.model)))
+            _log(progress, f"--freeze auto: {reason}")
+        if freeze != "all":
+            return _train_finetuned(config, data, loaded, train_set, val_set, val_from, bb, cache,
+                                    0 if freeze == "none" else int(freeze), Path(out), progress, start)
+        _log(progress, "frozen: every layer; training the head on cached pooled features")
         views = [clean_view(bb.data_config)]
         pipeline = None
         if config.augment != "none":
@@ -214,6 +230,103 @@ def train(
     return Run.load(path)
 
 
+def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_set: ImageSet,
+                     val_set: ImageSet | None, val_from: str, bb: Backbone, cache: FeatureCache, n_frozen: int,
+                     out: Path, progress: bool, start: float) -> Run:
+    """The fine-tuning branch of :func:`train` (``freeze`` is not ``all``)."""
+    from .backbones import state_dict_digest
+    from .features import AugmentedTransform
+    from .finetune import FinetuneConfig, cleanup, finetune
+    from .heads import LinearHead, _Standardize
+
+    ft_cfg = FinetuneConfig(**config.finetune)
+    plan_names = stage_plan(bb.model).names
+    _log(progress, f"fine-tuning {bb.name}: {n_frozen} of {len(plan_names)} stages frozen "
+                   f"({', '.join(plan_names[:n_frozen]) or 'none'}); training the rest and a new head")
+    clean = clean_view(bb.data_config)
+    train_views = [clean]
+    augment_transform = None
+    pipeline = None
+    if config.augment != "none":
+        pipeline = build_training_pipeline(config.augment, bb.data_config["input_size"][1:], config.aug_params,
+                                           train_set.paths, cache, seed=config.seed, progress=progress)
+        if n_frozen >= 1 and ft_cfg.cache_cut:
+            train_views += augmented_views(pipeline, bb.data_config, config.aug_views, seed=config.seed)
+            _log(progress, f"augmentation '{config.augment}': {config.aug_views} cached views per image at the cut")
+        else:
+            augment_transform = AugmentedTransform(pipeline, bb.data_config, config.seed, 0)
+            _log(progress, f"augmentation '{config.augment}': a fresh view per image per epoch, in workers")
+    work_dir = out.parent / f".{out.name}.finetune"
+    result = finetune(bb, train_set, val_set, n_frozen=n_frozen, cfg=ft_cfg, cache=cache, train_views=train_views,
+                      val_view=clean, augment_transform=augment_transform, work_dir=work_dir, resume=config.resume,
+                      seed=config.seed, precision=config.precision, num_workers=config.num_workers,
+                      progress=progress, log=lambda m: _log(progress, m))
+    model = result.model
+    backbone_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    digest = state_dict_digest(model.backbone)
+    head = LinearHead()
+    head.module_ = nn_sequential(_Standardize(bb.num_features), model.head)
+    head.classes_ = np.asarray(train_set.class_names)
+    head.n_features_in_ = bb.num_features
+    metrics: dict[str, Any] = {"n_train": len(train_set), "best_epoch": result.best_epoch,
+                               "history": result.history, "seconds_per_epoch": round(result.seconds_per_epoch, 3),
+                               "cut_cache_seconds": round(result.cut_seconds, 3),
+                               "features": {"n_computed": 0, "n_cached": 0, "seconds": 0.0}}
+    from .backbones import Backbone as _Backbone
+
+    tuned = _Backbone(bb.name, model.backbone.eval(), bb.data_config, bb.num_features, "run:backbone.safetensors",
+                      digest)
+    if val_set is not None:
+        val_result = extract_features(tuned, val_set.paths, cache=cache, precision=config.precision,
+                                      batch_size=config.batch_size, num_workers=config.num_workers,
+                                      progress=progress, desc="val features")
+        if val_result.ok.any():
+            x_val, y_val = val_result.features[val_result.ok], val_set.labels[val_result.ok]
+            metrics["val"] = classification_metrics(y_val, head.predict_proba(x_val), train_set.class_names)
+            _log(progress, f"validation accuracy {metrics['val']['accuracy']:.4f} on {len(y_val)} images "
+                           f"(best epoch {result.best_epoch})")
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    info = {
+        "headstart_version": __version__,
+        "class_names": list(train_set.class_names),
+        "backbone": {"name": bb.name, "weights": "run:backbone.safetensors", "weights_source": "fine-tuned",
+                     "base_weights": config.weights, "base_weights_digest": bb.weights_digest,
+                     "weights_digest": digest, "num_features": bb.num_features, "freeze": n_frozen,
+                     "frozen_stages": plan_names[:n_frozen]},
+        "preprocessing": preprocessing_signature(bb.data_config, resolve_precision_for(config.precision)),
+        "data_config": bb.data_config,
+        "config": asdict(config),
+        "finetune": asdict(ft_cfg),
+        "augmentation": None if pipeline is None else {"pipeline": pipeline.config(), "views": config.aug_views,
+                                                       "seed": config.seed},
+        "data": {"source": str(data), "layout": loaded.layout, "val_from": val_from, "n_train": len(train_set),
+                 "n_val": int(metrics.get("val", {}).get("n_images", 0)),
+                 "class_counts": train_set.class_counts(), "n_bad_files": len(loaded.bad_files)},
+    }
+    bad = [b.to_dict() for b in loaded.bad_files]
+    history_lines = "".join(json.dumps(row) + "\n" for row in result.history)
+    path = write_run(out, info, head, metrics, bad, extra={
+        "backbone.safetensors": lambda p: save_file(backbone_state, str(p), metadata={"headstart": "backbone"}),
+        "metrics.jsonl": lambda p: p.write_text(history_lines, encoding="utf-8")})
+    cleanup(work_dir)
+    _log(progress, f"saved run to {path}")
+    return Run.load(path)
+
+
+def nn_sequential(*modules: Any) -> Any:
+    from torch import nn
+
+    return nn.Sequential(*modules).eval()
+
+
+def resolve_precision_for(precision: str) -> str:
+    import torch
+
+    from .preprocess import resolve_precision
+
+    return resolve_precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _absolute_weights(weights: Any) -> str:
     weights = str(weights)
     if weights in ("default", "random"):
@@ -245,6 +358,16 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
             config.aug_views = DEFAULT_AUG_VIEWS
         if not (isinstance(config.aug_views, int) and config.aug_views >= 1):
             raise UsageError(f"aug_views must be a positive integer; got {config.aug_views!r}")
+    freeze = parse_freeze(config.freeze)
+    if freeze != "all":
+        from .finetune import FinetuneConfig
+
+        unknown = set(config.finetune) - set(FinetuneConfig.__dataclass_fields__)
+        if unknown:
+            raise UsageError(f"unknown fine-tuning option(s) {sorted(unknown)}")
+        FinetuneConfig(**config.finetune).validate()
+        if config.cv:
+            raise UsageError("--cv works with --freeze all (head only); fine-tuning reports validation accuracy")
     if config.cv < 0 or config.cv == 1:
         raise UsageError(f"cv must be 0 (off) or at least 2 folds; got {config.cv}")
     check_out_folder(out)
@@ -286,6 +409,8 @@ def _align(proba: np.ndarray, head_classes: np.ndarray, class_names: Sequence[st
 def _run_backbone(run: Run, weights: str | None, cache: FeatureCache) -> Backbone:
     spec = run.info["backbone"]
     source = weights if weights is not None else spec["weights"]
+    if source.startswith("run:"):  # fine-tuned weights saved inside the run folder
+        source = str(run.path / source.removeprefix("run:"))
     if source not in ("default", "random") and not Path(source).exists():
         raise RunError(f"run '{run.path}' was trained with the weights file '{source}', which is missing; "
                        "pass its new location with --weights")

@@ -45,7 +45,7 @@ def _head_params(args: argparse.Namespace) -> dict[str, Any]:
         params["seed"] = args.seed
         if args.hidden is not None:
             params["hidden"] = args.hidden
-        if args.epochs is not None:
+        if args.epochs is not None and args.freeze == "all":
             params["epochs"] = args.epochs
     return params
 
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
                    help="weight classes inversely to their frequency (default: none)")
     p.add_argument("--hidden", type=int, default=None, help="mlp head: hidden width (default 512)")
-    p.add_argument("--epochs", type=int, default=None, help="mlp head: epochs (default: enough for ~600 steps)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of fine-tuning (default 8) or of the mlp head (default: enough for ~600 steps)")
     p.add_argument("--val-split", type=float, default=0.2,
                    help="fraction of each class held out for validation when DATA has no val/ folder "
                         "(default: %(default)s; 0 = none)")
@@ -88,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aug-param", action="append", default=[], metavar="STEP.PARAM=VALUE",
                    help="override one augmentation hyperparameter, e.g. affine.degrees=20 (repeatable; "
                         "VALUE is JSON, e.g. '[0.5,1.0]')")
+    g = p.add_argument_group("fine-tuning (when --freeze is not 'all')")
+    g.add_argument("--freeze", default="all",
+                   help="all = head only on cached features (default); none = train everything; N = freeze the "
+                        "first N stages (see 'headstart backbones NAME --stages'); auto = choose from the data size")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the head (default 1e-3)")
+    g.add_argument("--lr-decay", type=float, default=None,
+                   help="discriminative rates: each lower stage gets this times the rate above (default 0.5)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default=None, help="default adamw")
+    g.add_argument("--label-smoothing", type=float, default=None, help="default 0.1")
+    g.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 3)")
+    g.add_argument("--gradual", type=int, default=None,
+                   help="gradual unfreezing: one more stage every N epochs, from the top (default 0 = off)")
+    g.add_argument("--no-cut-cache", action="store_true",
+                   help="recompute the frozen stages every step instead of caching their output")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning from its checkpoint")
     p.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
     _add_common(p)
     p.set_defaults(func=cmd_train)
@@ -119,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list timm backbones and whether their weights are installed")
     p.add_argument("pattern", nargs="?", default="*", help="wildcard pattern, e.g. 'efficientnet*' (default: all)")
     p.add_argument("--installed", action="store_true", help="only backbones whose weights are on this machine")
+    p.add_argument("--stages", action="store_true",
+                   help="list the stages of one backbone (the units of --freeze N) with parameters and output shapes")
     p.add_argument("--json", action="store_true", help="print a JSON list on stdout")
     p.set_defaults(func=cmd_backbones)
 
@@ -182,13 +201,31 @@ def parse_aug_params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _finetune_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name in ("lr", "lr_decay", "optimizer", "label_smoothing", "patience", "gradual"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    if args.epochs is not None:
+        params["epochs"] = args.epochs
+    if args.batch_size != 32:
+        params["batch_size"] = args.batch_size
+    if args.no_cut_cache:
+        params["cache_cut"] = False
+    if args.deterministic:
+        params["deterministic"] = True
+    return params
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import TrainConfig, train
 
     config = TrainConfig(backbone=args.backbone, weights=args.weights, head=args.head, head_params=_head_params(args),
                          val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
                          batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
-                         augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param))
+                         augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param),
+                         freeze=args.freeze, resume=args.resume,
+                         finetune=_finetune_params(args) if args.freeze != "all" else {})
     run = train(args.data, args.out, config, progress=not args.quiet)
     summary = {"run": str(run.path), "class_names": run.class_names, **run.metrics}
     if args.json:
@@ -279,6 +316,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_backbones(args: argparse.Namespace) -> int:
     from .backbones import list_backbones
 
+    if args.stages:
+        return _print_stages(args)
     rows = list_backbones(args.pattern)
     if args.installed:
         rows = [r for r in rows if r["weights"].startswith("installed")]
@@ -289,6 +328,26 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     else:
         print(_table([[r["name"], r["weights"]] for r in rows], ["backbone", "weights"]))
+    return EXIT_OK
+
+
+def _print_stages(args: argparse.Namespace) -> int:
+    import timm
+
+    from .backbones import check_backbone_name
+    from .stages import describe_stages
+
+    check_backbone_name(args.pattern)
+    model = timm.create_model(args.pattern, pretrained=False, num_classes=0)
+    size = timm.data.resolve_data_config({}, model=model)["input_size"]
+    rows = describe_stages(model, size)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    table = [[str(r["index"] or ""), r["stage"], f"{r['params']:,}", "x".join(map(str, r["output_shape"]))]
+             for r in rows]
+    print(f"{args.pattern}: --freeze N freezes stages 1..N (input {size[1]}x{size[2]})")
+    print(_table(table, ["N", "stage", "params", "output"]))
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def check_out_folder(out: Path) -> None:
 
 
 def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metrics: dict[str, Any],
-              bad_files: list[dict[str, str]]) -> Path:
+              bad_files: list[dict[str, str]], extra: dict[str, Callable[[Path], Any]] | None = None) -> Path:
     """Write a complete run folder to ``out`` atomically (build aside, then rename into place).
 
     An existing run at ``out`` is replaced; an existing folder that is not a run and not empty is
@@ -94,6 +95,8 @@ def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metri
     staging.mkdir()
     try:
         head.save(staging / HEAD_FILE)
+        for name, writer in (extra or {}).items():  # e.g. fine-tuned backbone weights, per-epoch metrics
+            writer(staging / name)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         (staging / "bad_files.json").write_text(json.dumps(bad_files, indent=2), encoding="utf-8")
         (staging / RUN_FILE).write_text(json.dumps({"format": RUN_FORMAT, **info}, indent=2), encoding="utf-8")
