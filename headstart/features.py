@@ -35,6 +35,7 @@ from .errors import UsageError
 from .preprocess import decoder_id, eval_transform, preprocessing_signature, resolve_precision
 
 CUT_POOLED = "pooled"
+FLUSH_BYTES = 256 << 20  # flush pending rows at this size even before ``flush_every`` images
 
 
 class View:
@@ -246,7 +247,8 @@ def extract_features(
         num_workers: decoding processes (``0`` decodes in this process); default one per spare core.
         precision: ``auto`` (bf16 on AMX CPUs and CUDA), ``fp32``, ``bf16`` or ``fp16``.
         device: ``cpu``, ``cuda`` ...; default CUDA when available.
-        flush_every: write new rows to the cache after this many images (and on interruption).
+        flush_every: write new rows to the cache after this many images, all their views (and on
+            interruption).
         progress: show a progress bar on stderr.
 
     Returns:
@@ -306,11 +308,13 @@ def extract_views(
     precision = resolve_precision(precision, device)
     dim = backbone.num_features if cut is None else cut.dim
     keys = []
+    models = []
     for view in views:
         description = feature_description(backbone, precision, cut=CUT_POOLED if cut is None else cut.name,
                                           dtype=cache.dtype.name, view=view.description)
         keys.append(model_key(description))
-        cache.register_model(keys[-1], description, dim)
+        models.append((keys[-1], description, dim))
+    cache.register_models(models)
     decoder = decoder_id()
     n, n_views = len(paths), len(views)
     image_keys, bad = cache.image_keys(paths)
@@ -318,7 +322,7 @@ def extract_views(
     n_cached: int | None = None
     for _attempt in range(3):  # a missing shard drops its rows; the next pass recomputes them
         valid = [k for k in image_keys if k is not None]
-        located = [cache.lookup(key, valid) for key in keys]
+        located = cache.lookup_many(keys, valid)
         if n_cached is None:
             n_cached = sum(1 for k in image_keys if k is not None for loc in located if k in loc)
         known_failures = cache.failures([k for k in valid if not all(k in loc for loc in located)], decoder)
@@ -340,7 +344,7 @@ def extract_views(
                 if k in failed:
                     bad[i] = failed[k]
             valid = [k for k in image_keys if k is not None]
-            located = [cache.lookup(key, valid) for key in keys]
+            located = cache.lookup_many(keys, valid)
             known_failures = cache.failures([k for k in valid if not all(k in loc for loc in located)], decoder)
         features = np.zeros((n, n_views, dim if load else 0), dtype=np.float32)
         ok = np.ones(n, dtype=bool)
@@ -403,6 +407,8 @@ def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tupl
     renamed: dict[str, str] = {}
     failed: dict[str, str] = {}
     computed = 0
+    pending_images = 0
+    dim = backbone.num_features if cut is None else cut.dim
 
     def flush() -> None:
         for v, (names, rows) in pending.items():
@@ -442,8 +448,11 @@ def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tupl
                         failed[expected] = (f"the backbone gave non-finite features in {precision} "
                                             "(try --precision fp32)")
             bar.update(len(items))
-            if sum(len(names) for names, _ in pending.values()) >= flush_every:
+            pending_images += len(items)
+            pending_bytes = sum(len(names) for names, _ in pending.values()) * dim * cache.dtype.itemsize
+            if pending_images >= flush_every or pending_bytes >= FLUSH_BYTES:  # big shards read fast
                 flush()
+                pending_images = 0
     finally:
         flush()  # on success and on interruption alike: computed rows are kept
         bar.close()

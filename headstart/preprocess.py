@@ -57,6 +57,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+@functools.lru_cache(maxsize=1)
 def decoder_id() -> str:
     """Identity of the image decoder: our decode code's version and Pillow's."""
     import PIL
@@ -68,12 +69,17 @@ def decoder_id() -> str:
 
 def preprocessing_signature(data_config: dict[str, Any], precision: str) -> dict[str, Any]:
     """Everything about decoding, preprocessing and arithmetic that changes the feature values."""
-    from importlib.metadata import version
-
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     sig = {k: (list(data_config[k]) if isinstance(data_config.get(k), tuple) else data_config.get(k)) for k in keys}
     sig["precision"] = precision
     sig["version"] = PREPROCESS_VERSION
     sig["decoder"] = decoder_id()
-    sig["timm"] = version("timm")  # its resize/crop transforms produce the pixels
+    sig["timm"] = _timm_version()  # its resize/crop transforms produce the pixels
     return sig
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_version() -> str:
+    from importlib.metadata import version
+
+    return version("timm")

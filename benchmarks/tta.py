@@ -1,0 +1,102 @@
+"""Test-time multi-crop cost and benefit: ms per image for TTA none / flip / 10crop, cold and cached.
+
+usage:
+    python benchmarks/tta.py [DATA] [--modes none,flip,10crop] [--repeats 3] [--precision auto]
+
+DATA defaults to ../shared/data/ants_bees_train beside this repository. Each mode gets its own empty
+feature cache, so its cold row pays for everything: read, hash, decode, one resize, the crops and one
+backbone forward per view (all crops of a batch in one forward). The cached row repeats the same call on
+the warm cache (hash memo, lookups, reading rows) and adds the head (predict on every view, average);
+it is the best of ``--repeats`` runs (its extract_views part is shown apart). ms per image counts images, not views.
+
+Accuracy: one linear head, fitted on the clean (centre) features of a stratified 80/20 split
+(:func:`headstart.data.stratified_split`, seed 0), scores the held-out 20% with each mode's views averaged.
+
+Targets: 10crop/none <= 10.5x cold (decoding is shared by the crops) and <= 1.2x cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from headstart.backbones import DEFAULT_BACKBONE, create_backbone
+from headstart.cache import FeatureCache
+from headstart.data import load_images, stratified_split
+from headstart.features import extract_views
+from headstart.heads import LinearHead
+from headstart.tta import predict_proba_views, tta_views
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ants_bees_train"
+TARGETS = {"cold": 10.5, "cached": 1.2}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", default=str(DATA))
+    parser.add_argument("--modes", default="none,flip,10crop")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+
+    images = load_images(args.data, val_split=0).train
+    paths, labels = images.paths, images.labels
+    train_idx, val_idx = stratified_split(labels, 0.2, seed=0)
+    backbone = create_backbone(args.backbone)
+    n = len(paths)
+    print(f"{n} images ({len(train_idx)} train / {len(val_idx)} held out), {backbone.name}, "
+          f"{torch.get_num_threads()} torch threads")
+
+    common = {"precision": args.precision, "progress": False, "batch_size": 32}
+    rows: dict[str, dict[str, float]] = {}
+    head = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            views = tta_views(backbone.data_config, mode)
+            with FeatureCache(Path(tmp) / mode) as cache:
+                start = time.perf_counter()
+                cold = extract_views(backbone, paths, views, cache=cache, **common)
+                cold_s = time.perf_counter() - start
+                if not cold.ok.all():
+                    raise SystemExit(f"{(~cold.ok).sum()} images failed: {cold.bad_files[:3]}")
+                if head is None:  # the centre view is the clean view: the same features in every mode
+                    head = LinearHead().fit(cold.features[train_idx, 0], labels[train_idx])
+                predict_proba_views(head, cold.features)  # a first call pays torch's one-off set-up
+                cached_s, lookup_s = float("inf"), float("inf")
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    warm = extract_views(backbone, paths, views, cache=cache, **common)
+                    looked_up = time.perf_counter()
+                    proba = predict_proba_views(head, warm.features)
+                    if time.perf_counter() - start < cached_s:
+                        cached_s, lookup_s = time.perf_counter() - start, looked_up - start
+                if warm.n_computed:
+                    raise SystemExit(f"the warm run of {mode} computed {warm.n_computed} views")
+            geo = predict_proba_views(head, warm.features[val_idx], method="geomean")
+            rows[mode] = {
+                "views": len(views), "cold": 1000 * cold_s / n, "cached": 1000 * cached_s / n,
+                "lookup": 1000 * lookup_s / n,
+                "accuracy": float((head.classes_[proba[val_idx].argmax(1)] == labels[val_idx]).mean()),
+                "geomean": float((head.classes_[geo.argmax(1)] == labels[val_idx]).mean()),
+            }
+            r = rows[mode]
+            print(f"{mode:>10}: {r['views']:2d} views  cold {r['cold']:7.2f} ms/img  cached {r['cached']:6.3f} ms/img "
+                  f"({r['lookup']:.3f} of it extract_views)"
+                  f"  held-out accuracy {r['accuracy']:.4f} (geomean {r['geomean']:.4f})  [{cold.precision}]",
+                  flush=True)
+
+    if "none" in rows and "10crop" in rows:
+        for kind, target in TARGETS.items():
+            ratio = rows["10crop"][kind] / rows["none"][kind]
+            verdict = "meets" if ratio <= target else "MISSES"
+            print(f"10crop/none {kind:>6}: {ratio:5.2f}x (target <= {target}x: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
