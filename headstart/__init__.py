@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import TrainConfig, evaluate, extract, predict, train
+from .api import TrainConfig, evaluate, extract, make_ensemble, predict, train
 from .backbones import Backbone, create_backbone, list_backbones
 from .cache import FeatureCache
 from .data import BadFile, ImageSet, decode_image, load_images
@@ -18,6 +18,7 @@ from .errors import (
 )
 from .features import FeatureResult, extract_features
 from .heads import LinearHead, MLPHead, load_head, make_head
+from .inference import EnsembleRun, load_run
 from .runs import Run
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "BadFile",
     "DataError",
     "DataNotFoundError",
+    "EnsembleRun",
     "FeatureCache",
     "FeatureResult",
     "HeadstartError",
@@ -47,6 +49,8 @@ __all__ = [
     "list_backbones",
     "load_head",
     "load_images",
+    "load_run",
+    "make_ensemble",
     "make_head",
     "predict",
     "train",

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,23 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .augmented import DEFAULT_AUG_VIEWS, build_training_pipeline
-from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
-from .cache import FeatureCache
+from .backbones import DEFAULT_BACKBONE, Backbone, check_backbone_name, create_backbone
+from .cache import FeatureCache, atomic_write_bytes
 from .data import BadFile, ImageSet, LoadedData, list_image_paths, load_images, stratified_split
-from .errors import DataError, RunError, UsageError
-from .features import FeatureResult, augmented_views, clean_view, extract_features, extract_views
+from .errors import DataError, UsageError
+from .features import augmented_views, clean_view, extract_features, extract_views
 from .finetune import choose_freeze, parse_freeze
 from .heads import make_head
+from .inference import (
+    AnyRun,
+    EnsembleRun,
+    _align,
+    combine_runs,
+    load_run,
+    members_of,
+    run_probabilities,
+    write_ensemble,
+)
 from .metrics import classification_metrics
 from .preprocess import preprocessing_signature
 from .runs import Run, write_run
@@ -59,6 +70,8 @@ class TrainConfig:
     freeze: str = "all"  # "all" (head only), "none", "auto", or N = freeze the first N stages
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields (epochs, lr, ...)
     resume: bool = False  # continue an interrupted fine-tuning run from its last checkpoint
+    ensemble: int = 1  # members per backbone (they differ in bootstrap sample and seed); backbone may be "a,b,c"
+    bootstrap: int | None = None  # train on a stratified bootstrap sample of the training split, with this seed
 
 
 def _log(progress: bool, message: str) -> None:
@@ -121,7 +134,7 @@ def train(
     *,
     progress: bool = True,
     **overrides: Any,
-) -> Run:
+) -> Run | EnsembleRun:
     """Train a classifier head on a frozen pre-trained backbone and save the run to ``out``.
 
     Args:
@@ -142,12 +155,18 @@ def train(
     config.weights = _absolute_weights(config.weights)  # a run must find its weights from any folder
     config.cache_dir = None if config.cache_dir is None else str(config.cache_dir)
     _validate_train_config(config, Path(out))  # fail on bad settings before any heavy work
+    if "," in config.backbone or config.ensemble > 1:
+        return _train_ensemble(config, data, Path(out), progress)
     start = time.perf_counter()
     loaded: LoadedData = load_images(data, val_split=0, seed=config.seed)
     for note in loaded.notes:
         _log(progress, f"note: {note}")
     with _open_cache(config.cache_dir) as cache:
         train_set, val_set, val_from = _split(loaded, config, cache, progress)
+        if config.bootstrap is not None:
+            from .ensemble import bootstrap_indices
+
+            train_set = train_set.subset(bootstrap_indices(train_set.labels, config.bootstrap))
         bb = create_backbone(config.backbone, config.weights, memo=cache)
         _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
                        f"input {bb.data_config['input_size'][1]}px")
@@ -228,6 +247,51 @@ def train(
     path = write_run(Path(out), info, head, metrics, bad)
     _log(progress, f"saved run to {path}")
     return Run.load(path)
+
+
+def _train_ensemble(config: TrainConfig, data: Any, out: Path, progress: bool) -> EnsembleRun:
+    """One member per backbone and per ``ensemble`` index, each a complete run, assembled into one folder.
+
+    Members of one backbone share its cached features and differ in their bootstrap sample of the
+    training split (and seed): heads on the same features with only another seed are nearly identical.
+    The validation split is the same for every member.
+    """
+    backbones = [b.strip() for b in config.backbone.split(",") if b.strip()]
+    plan = [(b, m) for b in backbones for m in range(config.ensemble)]
+    scratch = out.parent / f".{out.name}.members"
+    shutil.rmtree(scratch, ignore_errors=True)
+    member_dirs = []
+    for i, (name, m) in enumerate(plan):
+        _log(progress, f"ensemble member {i + 1}/{len(plan)}: {name}"
+                       + (f", bootstrap sample {m + 1}" if config.ensemble > 1 else ""))
+        params = dict(config.head_params)
+        if config.head == "mlp":
+            params["seed"] = config.seed * 1000 + m
+        member_cfg = replace(config, backbone=name, ensemble=1, head_params=params, cv=0,
+                             bootstrap=config.seed * 1000 + m if config.ensemble > 1 else None)
+        train(data, scratch / str(i), member_cfg, progress=progress)
+        member_dirs.append(scratch / str(i))
+    extra = {"config": asdict(config), "headstart_version": __version__}
+    run = write_ensemble(out, member_dirs, move=True, extra=extra)
+    shutil.rmtree(scratch, ignore_errors=True)
+    metrics: dict[str, Any] = {"members": [m.metrics.get("val", {}).get("accuracy") for m in run.members]}
+    loaded = load_images(data, val_split=0, seed=config.seed)
+    with _open_cache(config.cache_dir) as cache:
+        _, val_set, _ = _split(loaded, config, cache, progress=False)
+        if val_set is not None:
+            probs = run_probabilities(run, val_set.paths, cache, batch_size=config.batch_size,
+                                      num_workers=config.num_workers, progress=progress)
+            if probs.ok.any():
+                metrics["val"] = classification_metrics(val_set.labels[probs.ok], probs.proba, run.class_names)
+                _log(progress, f"ensemble validation accuracy {metrics['val']['accuracy']:.4f} "
+                               f"(members: {', '.join(f'{a:.4f}' for a in metrics['members'] if a is not None)})")
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    info["metrics"] = metrics
+    atomic_write_bytes(out / "run.json", json.dumps(info, indent=2).encode())
+    _log(progress, f"saved ensemble run ({len(plan)} members) to {out}")
+    loaded_run = load_run(out)
+    assert isinstance(loaded_run, EnsembleRun)
+    return loaded_run
 
 
 def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_set: ImageSet,
@@ -368,6 +432,12 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
         FinetuneConfig(**config.finetune).validate()
         if config.cv:
             raise UsageError("--cv works with --freeze all (head only); fine-tuning reports validation accuracy")
+    if not (isinstance(config.ensemble, int) and config.ensemble >= 1):
+        raise UsageError(f"ensemble must be a positive integer (members per backbone); got {config.ensemble!r}")
+    if "," in config.backbone:
+        for name in (b.strip() for b in config.backbone.split(",")):
+            if name:
+                check_backbone_name(name)
     if config.cv < 0 or config.cv == 1:
         raise UsageError(f"cv must be 0 (off) or at least 2 folds; got {config.cv}")
     check_out_folder(out)
@@ -396,83 +466,118 @@ def _split(loaded: LoadedData, config: TrainConfig, cache: FeatureCache,
     return loaded.train.subset(train_idx), loaded.train.subset(val_idx), "split"
 
 
-def _align(proba: np.ndarray, head_classes: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
-    """Columns of ``proba`` (ordered as ``head_classes``) rearranged to ``class_names``; absent = 0."""
-    out = np.zeros((len(proba), len(class_names)))
-    position = {str(c): i for i, c in enumerate(head_classes)}
-    for j, name in enumerate(class_names):
-        if name in position:
-            out[:, j] = proba[:, position[name]]
-    return out
-
-
-def _run_backbone(run: Run, weights: str | None, cache: FeatureCache) -> Backbone:
-    spec = run.info["backbone"]
-    source = weights if weights is not None else spec["weights"]
-    if source.startswith("run:"):  # fine-tuned weights saved inside the run folder
-        source = str(run.path / source.removeprefix("run:"))
-    if source not in ("default", "random") and not Path(source).exists():
-        raise RunError(f"run '{run.path}' was trained with the weights file '{source}', which is missing; "
-                       "pass its new location with --weights")
-    bb = create_backbone(spec["name"], source, memo=cache)
-    bb.data_config = dict(run.info["data_config"])  # the run's preprocessing, whatever timm resolves today
-    if bb.weights_digest != spec["weights_digest"]:
-        raise RunError(
-            f"run '{run.path}' was trained on '{spec['name']}' weights with digest {spec['weights_digest'][:12]}, "
-            f"but the weights found now have digest {bb.weights_digest[:12]}; pass the original file with --weights"
-        )
-    return bb
-
-
-def run_features(run: Run, paths: Sequence[Path], *, weights: str | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 32,
-                 num_workers: int | None = None, progress: bool = True) -> FeatureResult:
-    """Features of ``paths`` exactly as the run's training saw them (same backbone, preprocessing, precision)."""
-    with _open_cache(cache_dir) as cache:
-        bb = _run_backbone(run, weights, cache)
-        return extract_features(bb, paths, cache=cache, precision=run.info["preprocessing"]["precision"],
-                                batch_size=batch_size, num_workers=num_workers, progress=progress)
+def _images_for_evaluation(run: AnyRun, data: Any) -> tuple[Any, ImageSet, np.ndarray]:
+    loaded = load_images(data, val_split=0, min_classes=1)
+    images = loaded.val if loaded.val is not None else loaded.train
+    names = run.class_names
+    unknown = sorted(set(images.class_names) - set(names))
+    if unknown:
+        raise DataError(f"'{data}' has class(es) {unknown} that run '{run.path}' was not trained on "
+                        f"(it knows {names})")
+    remap = np.asarray([names.index(n) for n in images.class_names], dtype=np.int64)
+    return loaded, images, remap[images.labels]
 
 
 def evaluate(
     run_dir: str | os.PathLike[str],
     data: str | os.PathLike[str],
     *,
+    tta: str = "none",
+    tta_average: str = "mean",
+    ablation: bool = False,
+    report: str | os.PathLike[str] | None = None,
     weights: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy and per-class metrics of a saved run on labelled data.
+    """Accuracy and per-class metrics of a saved run (single or ensemble) on labelled data.
 
     ``data`` is read like training data; for a ``train/``+``val/`` tree the validation part is used,
     otherwise every image. Its class names must be among the run's.
+
+    Args:
+        tta: test-time views: ``none``, ``flip``, ``5crop``, ``10crop``, ``multiscale``.
+        tta_average: ``mean`` or ``geomean`` of the views' probabilities.
+        ablation: also measure single model / +TTA / +ensemble / both (accuracy and ms per image);
+            TTA rows use ``tta``, or ``10crop`` when ``tta`` is ``none``. Implied by ``report``.
+        report: write a self-contained HTML report to this path.
     """
     start = time.perf_counter()
-    run = Run.load(run_dir)
-    loaded = load_images(data, val_split=0, min_classes=1)
-    images = loaded.val if loaded.val is not None else loaded.train
+    run = load_run(run_dir)
+    loaded, images, y_all = _images_for_evaluation(run, data)
     names = run.class_names
-    unknown = sorted(set(images.class_names) - set(names))
-    if unknown:
-        raise DataError(f"'{data}' has class(es) {unknown} that run '{run_dir}' was not trained on "
-                        f"(it knows {names})")
-    remap = np.asarray([names.index(n) for n in images.class_names], dtype=np.int64)
-    result = run_features(run, images.paths, weights=weights, cache_dir=cache_dir, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress)
-    y = remap[images.labels][result.ok]
-    if not len(y):
-        examples = "; ".join(f"{b.path}: {b.reason}" for b in result.bad_files[:3])
-        raise DataError(f"no usable image in '{data}' to evaluate ({len(images)} failed, e.g. {examples})")
-    proba = _align(run.head.predict_proba(result.features[result.ok]), run.head.classes_, names)
-    out = classification_metrics(y, proba, names)
+    with _open_cache(cache_dir) as cache:
+        kw = {"weights": weights, "batch_size": batch_size, "num_workers": num_workers, "progress": progress}
+        probs = run_probabilities(run, images.paths, cache, tta=tta, average=tta_average, **kw)
+        y = y_all[probs.ok]
+        if not len(y):
+            examples = "; ".join(f"{b.path}: {b.reason}" for b in probs.bad_files[:3])
+            raise DataError(f"no usable image in '{data}' to evaluate ({len(images)} failed, e.g. {examples})")
+        out = classification_metrics(y, probs.proba, names)
+        n_members = len(members_of(run))
+        main_row = {"setting": _setting_name(tta, n_members), "tta": tta, "members": n_members,
+                    "accuracy": out["accuracy"], "ms_per_image": round(1000 * probs.seconds / len(images), 3),
+                    "features_computed": probs.n_computed}
+        rows = [main_row]
+        if ablation or report is not None:
+            rows = _ablation(run, images.paths, y_all, cache, tta if tta != "none" else "10crop", tta_average, kw)
     seconds = time.perf_counter() - start
-    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
+    bad = [b.to_dict() for b in loaded.bad_files + probs.bad_files]
     out.update({"seconds": round(seconds, 3), "n_bad_files": len(bad), "bad_files": bad,
-                "run": str(run_dir), "data": str(data),
-                "ms_per_image": round(1000 * seconds / max(1, len(images)), 3)})
+                "run": str(run_dir), "data": str(data), "tta": tta, "tta_average": tta_average,
+                "ensemble_size": n_members, "ms_per_image": main_row["ms_per_image"], "ablation": rows})
+    if report is not None:
+        from .report import write_report
+
+        curves = members_of(run)[0].metrics.get("history")
+        ok_paths = [str(p) for p, ok in zip(images.paths, probs.ok) if ok]
+        out["report"] = str(write_report(Path(report), evaluation=out, proba=probs.proba, y_true=y,
+                                         class_names=names, image_paths=ok_paths, curves=curves, ablation=rows,
+                                         title=f"headstart evaluation of {Path(run_dir).name} on {Path(data).name}"))
     return out
+
+
+def _setting_name(tta: str, n_members: int) -> str:
+    parts = ["single model" if n_members == 1 else f"ensemble of {n_members}"]
+    if tta != "none":
+        parts.append(f"+ {tta} TTA")
+    return " ".join(parts)
+
+
+ABLATION_COLD_SAMPLE = 64  # images timed with an empty cache per ablation row
+
+
+def _ablation(run: AnyRun, paths: Sequence[Path], y_all: np.ndarray, cache: FeatureCache, tta: str, average: str,
+              kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Single model / +TTA / +ensemble / both: accuracy, and ms per image cold and cached.
+
+    Accuracy uses every image. ``ms_per_image`` is the cost with features already cached (a re-run);
+    ``ms_per_image_cold`` is measured on up to 64 images with an empty cache (decode + every forward).
+    """
+    import tempfile
+
+    n_members = len(members_of(run))
+    settings = [("single model", "none", [0]), (f"single model + {tta} TTA", tta, [0])]
+    if n_members > 1:
+        everyone = list(range(n_members))
+        settings += [(f"ensemble of {n_members}", "none", everyone),
+                     (f"ensemble of {n_members} + {tta} TTA", tta, everyone)]
+    sample = list(paths)[:: max(1, len(paths) // ABLATION_COLD_SAMPLE)][:ABLATION_COLD_SAMPLE]
+    quiet = {**kw, "progress": False}
+    rows = []
+    for name, mode, members in settings:
+        run_probabilities(run, paths, cache, tta=mode, average=average, members=members, **kw)  # fill the cache
+        probs = run_probabilities(run, paths, cache, tta=mode, average=average, members=members, **quiet)
+        with tempfile.TemporaryDirectory() as tmp, FeatureCache(tmp) as empty:
+            cold = run_probabilities(run, sample, empty, tta=mode, average=average, members=members, **quiet)
+        y = y_all[probs.ok]
+        accuracy = float((probs.proba.argmax(1) == y).mean()) if len(y) else float("nan")
+        rows.append({"setting": name, "tta": mode, "members": len(members), "accuracy": accuracy,
+                     "ms_per_image": round(1000 * probs.seconds / max(1, len(paths)), 3),
+                     "ms_per_image_cold": round(1000 * cold.seconds / max(1, len(sample)), 2)})
+    return rows
 
 
 def predict(
@@ -480,6 +585,8 @@ def predict(
     inputs: Sequence[str | os.PathLike[str]],
     *,
     top_k: int = 1,
+    tta: str = "none",
+    tta_average: str = "mean",
     weights: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
@@ -493,18 +600,24 @@ def predict(
     """
     if top_k < 1:
         raise UsageError(f"top_k must be >= 1; got {top_k}")
-    run = Run.load(run_dir)
+    run = load_run(run_dir)
     paths, listing_bad = list_image_paths(inputs)
-    result = run_features(run, paths, weights=weights, cache_dir=cache_dir, batch_size=batch_size,
-                          num_workers=num_workers, progress=progress)
+    with _open_cache(cache_dir) as cache:
+        probs = run_probabilities(run, paths, cache, tta=tta, average=tta_average, weights=weights,
+                                  batch_size=batch_size, num_workers=num_workers, progress=progress)
     names = run.class_names
-    proba = _align(run.head.predict_proba(result.features[result.ok]), run.head.classes_, names) if result.ok.any() \
-        else np.zeros((0, len(names)))
     k = min(top_k, len(names))
     predictions = []
-    for path, p in zip([p for p, ok in zip(paths, result.ok) if ok], proba):
+    for path, p in zip([p for p, ok in zip(paths, probs.ok) if ok], probs.proba):
         order = np.argsort(-p)[:k]
         predictions.append({"path": str(path), "label": names[order[0]], "probability": float(p[order[0]]),
                             "top_k": [[names[j], float(p[j])] for j in order]})
-    bad: list[BadFile] = listing_bad + result.bad_files
-    return {"predictions": predictions, "bad_files": [b.to_dict() for b in bad], "class_names": names}
+    bad: list[BadFile] = listing_bad + probs.bad_files
+    return {"predictions": predictions, "bad_files": [b.to_dict() for b in bad], "class_names": names,
+            "tta": tta, "ensemble_size": len(members_of(run))}
+
+
+def make_ensemble(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+                  weights: Sequence[float] | None = None) -> EnsembleRun:
+    """Combine existing runs with the same classes into one ensemble run (``headstart ensemble``)."""
+    return combine_runs(run_dirs, out, weights)

@@ -23,7 +23,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 def _add_common(p: argparse.ArgumentParser, *, backbone: bool = True) -> None:
     if backbone:
         p.add_argument("--backbone", default="tf_efficientnet_lite0",
-                       help="timm model name (default: %(default)s; see 'headstart backbones')")
+                       help="timm model name, or several separated by commas for an ensemble "
+                            "(default: %(default)s; see 'headstart backbones')")
         p.add_argument("--weights", default="default",
                        help="'default' (packaged offline weights, else timm download), 'random', "
                             "or a .safetensors/.pth file (default: %(default)s)")
@@ -33,6 +34,14 @@ def _add_common(p: argparse.ArgumentParser, *, backbone: bool = True) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding processes (default: one per spare core; 0 = in-process)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr")
+
+
+def _add_tta(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", choices=["none", "flip", "5crop", "10crop", "multiscale"], default="none",
+                   help="test-time views averaged per image: flip = centre + mirror; 10crop = centre and 4 corners "
+                        "and their mirrors; multiscale = centre crops at 3 scales and mirrors (default: none)")
+    p.add_argument("--tta-average", choices=["mean", "geomean"], default="mean",
+                   help="average of the views' probabilities (default: mean)")
 
 
 def _head_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and head (default: 0)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="members per backbone, each on its own bootstrap sample (default 1); with "
+                        "--backbone A,B,C one member (or --ensemble M) per backbone; all stored as one run")
     p.add_argument("--augment", choices=["none", "light", "standard", "heavy"], default="none",
                    help="augmentation preset: caches --aug-views augmented views of each training image and "
                         "trains the head on them too (default: none; see docs/augmentation.md)")
@@ -113,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by 'headstart train'")
     p.add_argument("data", help="labelled data (a train/+val/ tree is evaluated on val/)")
     p.add_argument("--weights", default=None, help="weights file, if the run was trained from one that moved")
+    _add_tta(p)
+    p.add_argument("--ablation", action="store_true",
+                   help="also measure single model / +TTA / +ensemble / both (accuracy, ms per image)")
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="write a self-contained HTML report (plots, calibration, worst mistakes, ablation)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_common(p, backbone=False)
     p.set_defaults(func=cmd_evaluate)
@@ -123,8 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1, help="how many classes to list per image (default: 1)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     p.add_argument("--weights", default=None, help="weights file, if the run was trained from one that moved")
+    _add_tta(p)
     _add_common(p, backbone=False)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ensemble", help="combine runs with the same classes into one ensemble run",
+                       description="Copy existing runs (same class names) into one run whose predictions "
+                                   "average the members' probabilities.")
+    p.add_argument("runs", nargs="+", help="run folders (two or more)")
+    p.add_argument("--out", required=True, help="ensemble run folder to write")
+    p.add_argument("--member-weights", default=None, metavar="W1,W2,...",
+                   help="weights of the members' probabilities (default: equal)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("features", help="pre-compute and cache backbone features only")
     p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
@@ -224,10 +252,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                          val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
                          batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
                          augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param),
-                         freeze=args.freeze, resume=args.resume,
+                         freeze=args.freeze, resume=args.resume, ensemble=args.ensemble,
                          finetune=_finetune_params(args) if args.freeze != "all" else {})
     run = train(args.data, args.out, config, progress=not args.quiet)
     summary = {"run": str(run.path), "class_names": run.class_names, **run.metrics}
+    if hasattr(run, "members"):
+        summary["ensemble_size"] = len(run.members)
     if args.json:
         _print_json(summary)
     else:
@@ -251,27 +281,65 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
 
-    result = evaluate(args.run, args.data, weights=args.weights, cache_dir=args.cache_dir,
+    result = evaluate(args.run, args.data, tta=args.tta, tta_average=args.tta_average, ablation=args.ablation,
+                      report=args.report, weights=args.weights, cache_dir=args.cache_dir,
                       batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     if args.json:
         _print_json(result)
         return EXIT_OK
-    print(f"accuracy {result['accuracy']:.4f} on {result['n_images']} images ({result['seconds']:.1f}s)")
+    setting = result["ablation"][0]["setting"] if len(result["ablation"]) == 1 else _setting(result)
+    print(f"accuracy {result['accuracy']:.4f} on {result['n_images']} images ({setting}; {result['seconds']:.1f}s, "
+          f"{result['ms_per_image']:.2f} ms/image)")
     rows = [[name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
             for name, m in result["per_class"].items()]
     print(_table(rows, ["class", "precision", "recall", "f1", "support"]))
     names = result["class_names"]
     print("confusion matrix (rows = true, columns = predicted):")
     print(_table([[n, *map(str, r)] for n, r in zip(names, result["confusion_matrix"])], ["", *names]))
+    if len(result["ablation"]) > 1:
+        print("ablation (ms/image cold: empty cache, up to 64 images; cached: features already on disk):")
+        rows = [[r["setting"], f"{r['accuracy']:.4f}", f"{r['ms_per_image_cold']:.1f}", f"{r['ms_per_image']:.3f}"]
+                for r in result["ablation"]]
+        print(_table(rows, ["setting", "accuracy", "ms/image cold", "ms/image cached"]))
+    if result.get("report"):
+        print(f"report written to {result['report']}")
     for bad in result["bad_files"]:
         print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _setting(result: dict[str, Any]) -> str:
+    members = result["ensemble_size"]
+    name = "single model" if members == 1 else f"ensemble of {members}"
+    return name + (f" + {result['tta']} TTA" if result["tta"] != "none" else "")
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .api import make_ensemble
+    from .errors import UsageError
+
+    weights = None
+    if args.member_weights:
+        try:
+            weights = [float(w) for w in args.member_weights.split(",")]
+        except ValueError:
+            raise UsageError(
+                f"--member-weights must be numbers separated by commas; got '{args.member_weights}'") from None
+    run = make_ensemble(args.runs, args.out, weights)
+    summary = {"run": str(run.path), "members": len(run.members), "class_names": run.class_names,
+               "weights": run.weights}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"ensemble of {len(run.members)} runs saved to {run.path}")
     return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .api import predict
 
-    result = predict(args.run, args.paths, top_k=args.top_k, weights=args.weights, cache_dir=args.cache_dir,
+    result = predict(args.run, args.paths, top_k=args.top_k, tta=args.tta, tta_average=args.tta_average,
+                     weights=args.weights, cache_dir=args.cache_dir,
                      batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     preds = result["predictions"]
     k = min(args.top_k, len(result["class_names"]))

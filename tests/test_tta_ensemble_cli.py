@@ -1,0 +1,111 @@
+"""TTA, ensembles and the report through the API and CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_tree
+
+import headstart
+from headstart.cli import main
+from headstart.errors import RunError
+from headstart.inference import EnsembleRun, load_run
+
+
+@pytest.fixture
+def run_cli(capsys):
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def single(tree, tmp_path):
+    headstart.train(tree, tmp_path / "single", cache_dir=tmp_path / "c", num_workers=0, progress=False,
+                    val_split=0.34)
+    return tmp_path / "single"
+
+
+def test_evaluate_with_tta_json(single, tree, tmp_path, run_cli):
+    code, out, err = run_cli("evaluate", single, tree, "--tta", "10crop", "--json", "--cache-dir", tmp_path / "c",
+                             "--workers", "0", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tta"] == "10crop" and result["ensemble_size"] == 1 and result["ms_per_image"] > 0
+    assert result["ablation"][0]["setting"] == "single model + 10crop TTA" and result["accuracy"] == 1.0
+
+
+def test_tta_views_are_cached(single, tree, tmp_path):
+    kw = {"cache_dir": tmp_path / "c", "num_workers": 0, "progress": False}
+    headstart.evaluate(single, tree, tta="flip", **kw)
+    with headstart.FeatureCache(tmp_path / "c") as cache:
+        before = cache.stats()["rows"]
+    headstart.evaluate(single, tree, tta="flip", **kw)
+    with headstart.FeatureCache(tmp_path / "c") as cache:
+        assert cache.stats()["rows"] == before  # nothing new: the mirror crops came from the cache
+
+
+def test_predict_with_tta(single, tree, tmp_path):
+    result = headstart.predict(single, [tree / "red"], tta="5crop", tta_average="geomean",
+                               cache_dir=tmp_path / "c", num_workers=0, progress=False)
+    assert {p["label"] for p in result["predictions"]} == {"red"} and result["tta"] == "5crop"
+
+
+def test_train_ensemble_and_ablation(tree, tmp_path, run_cli):
+    code, out, err = run_cli("train", tree, "--out", tmp_path / "ens", "--ensemble", "2", "--val-split", "0.34",
+                             "--cache-dir", tmp_path / "c", "--workers", "0", "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["ensemble_size"] == 2 and "val" in summary
+    run = load_run(tmp_path / "ens")
+    assert isinstance(run, EnsembleRun) and len(run.members) == 2
+    info = [m.info for m in run.members]
+    assert info[0]["config"]["bootstrap"] != info[1]["config"]["bootstrap"]  # members differ in their data
+    code, out, err = run_cli("evaluate", tmp_path / "ens", tree, "--tta", "flip", "--ablation", "--json",
+                             "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
+    result = json.loads(out)
+    assert code == 0 and result["ensemble_size"] == 2
+    assert [r["setting"] for r in result["ablation"]] == [
+        "single model", "single model + flip TTA", "ensemble of 2", "ensemble of 2 + flip TTA"]
+    assert all(r["ms_per_image_cold"] > 0 and 0 <= r["accuracy"] <= 1 for r in result["ablation"])
+
+
+def test_ensemble_of_identical_members_equals_the_member(single, tree, tmp_path, run_cli):
+    code, _, err = run_cli("ensemble", single, single, "--out", tmp_path / "twice")
+    assert code == 0, err
+    kw = {"cache_dir": tmp_path / "c", "num_workers": 0, "progress": False}
+    a = headstart.predict(single, [tree], top_k=2, **kw)["predictions"]
+    b = headstart.predict(tmp_path / "twice", [tree], top_k=2, **kw)["predictions"]
+    for x, y in zip(a, b):
+        assert x["label"] == y["label"]
+        np.testing.assert_allclose([p for _, p in x["top_k"]], [p for _, p in y["top_k"]], atol=1e-12)
+
+
+def test_ensemble_refuses_different_classes(single, tmp_path, run_cli):
+    other = make_tree(tmp_path / "other", per_class=4, classes=("red", "green"))
+    headstart.train(other, tmp_path / "other_run", cache_dir=tmp_path / "c", num_workers=0, progress=False,
+                    val_split=0)
+    code, _, err = run_cli("ensemble", single, tmp_path / "other_run", "--out", tmp_path / "bad")
+    assert code == 1 and "green" in err and "blue" in err
+    with pytest.raises(RunError):
+        headstart.make_ensemble([single, tmp_path / "other_run"], tmp_path / "bad2")
+
+
+def test_report_escapes_names_from_the_data(tmp_path, run_cli):
+    root = make_tree(tmp_path / "d", per_class=4)
+    evil = "<img src=x onerror=alert(1)>"  # a folder name cannot hold '/', so no closing tag
+    shutil.move(str(root / "red"), str(root / evil))
+    code, _, err = run_cli("train", root, "--out", tmp_path / "r", "--val-split", "0", "--cache-dir", tmp_path / "c",
+                           "--workers", "0", "-q")
+    assert code == 0, err
+    code, out, err = run_cli("evaluate", tmp_path / "r", root, "--report", tmp_path / "report.html",
+                             "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
+    assert code == 0, err
+    html = (tmp_path / "report.html").read_text()
+    assert evil not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "Ablation" in html and "report written to" in out
