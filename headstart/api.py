@@ -173,7 +173,10 @@ def train(
         freeze = parse_freeze(config.freeze)
         if freeze == "auto":
             counts = np.bincount(train_set.labels, minlength=len(train_set.class_names)).tolist()
-            freeze, reason = choose_freeze(counts, len(stage_plan(bb.model)))
+            n_stages = len(stage_plan(bb.model, whole_ok=True)) if min(counts) >= 150 else 0
+            freeze, reason = choose_freeze(counts, n_stages)
+            if n_stages == 1 and freeze not in ("all", "none"):  # stages not mapped: whole network or nothing
+                freeze, reason = "none", reason + f"; {bb.name}'s stages are not mapped, so training everything"
             _log(progress, f"--freeze auto: {reason}")
         if freeze != "all":
             return _train_finetuned(config, data, loaded, train_set, val_set, val_from, bb, cache,
@@ -259,9 +262,14 @@ def _train_ensemble(config: TrainConfig, data: Any, out: Path, progress: bool) -
     backbones = [b.strip() for b in config.backbone.split(",") if b.strip()]
     plan = [(b, m) for b in backbones for m in range(config.ensemble)]
     scratch = out.parent / f".{out.name}.members"
-    shutil.rmtree(scratch, ignore_errors=True)
+    if not config.resume:
+        shutil.rmtree(scratch, ignore_errors=True)
     member_dirs = []
     for i, (name, m) in enumerate(plan):
+        if config.resume and (scratch / str(i) / "run.json").is_file():
+            _log(progress, f"ensemble member {i + 1}/{len(plan)}: already trained, kept")
+            member_dirs.append(scratch / str(i))
+            continue
         _log(progress, f"ensemble member {i + 1}/{len(plan)}: {name}"
                        + (f", bootstrap sample {m + 1}" if config.ensemble > 1 else ""))
         params = dict(config.head_params)
@@ -304,7 +312,7 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
     from .heads import LinearHead, _Standardize
 
     ft_cfg = FinetuneConfig(**config.finetune)
-    plan_names = stage_plan(bb.model).names
+    plan_names = stage_plan(bb.model, whole_ok=n_frozen == 0).names
     _log(progress, f"fine-tuning {bb.name}: {n_frozen} of {len(plan_names)} stages frozen "
                    f"({', '.join(plan_names[:n_frozen]) or 'none'}); training the rest and a new head")
     clean = clean_view(bb.data_config)
@@ -329,10 +337,12 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
     backbone_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     digest = state_dict_digest(model.backbone)
     head = LinearHead()
-    head.module_ = nn_sequential(_Standardize(bb.num_features), model.head)
+    head.module_ = _nn_sequential(_Standardize(bb.num_features), model.head)
     head.classes_ = np.asarray(train_set.class_names)
     head.n_features_in_ = bb.num_features
-    metrics: dict[str, Any] = {"n_train": len(train_set), "best_epoch": result.best_epoch,
+    train_paths = {str(p) for p in train_set.paths}
+    n_used = len(train_set) - sum(1 for b in result.bad_files if b.path in train_paths)
+    metrics: dict[str, Any] = {"n_train": n_used, "best_epoch": result.best_epoch,
                                "history": result.history, "seconds_per_epoch": round(result.seconds_per_epoch, 3),
                                "cut_cache_seconds": round(result.cut_seconds, 3),
                                "features": {"n_computed": 0, "n_cached": 0, "seconds": 0.0}}
@@ -357,17 +367,20 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
                      "base_weights": config.weights, "base_weights_digest": bb.weights_digest,
                      "weights_digest": digest, "num_features": bb.num_features, "freeze": n_frozen,
                      "frozen_stages": plan_names[:n_frozen]},
-        "preprocessing": preprocessing_signature(bb.data_config, resolve_precision_for(config.precision)),
+        "preprocessing": preprocessing_signature(bb.data_config, _resolve_precision_for(config.precision)),
         "data_config": bb.data_config,
         "config": asdict(config),
         "finetune": asdict(ft_cfg),
         "augmentation": None if pipeline is None else {"pipeline": pipeline.config(), "views": config.aug_views,
                                                        "seed": config.seed},
-        "data": {"source": str(data), "layout": loaded.layout, "val_from": val_from, "n_train": len(train_set),
+        "data": {"source": str(data), "layout": loaded.layout, "val_from": val_from,
+                 "n_train": len(train_set) - sum(1 for b in result.bad_files if b.path in train_paths),
                  "n_val": int(metrics.get("val", {}).get("n_images", 0)),
-                 "class_counts": train_set.class_counts(), "n_bad_files": len(loaded.bad_files)},
+                 "class_counts": train_set.class_counts(), "n_bad_files": len(loaded.bad_files + result.bad_files)},
     }
-    bad = [b.to_dict() for b in loaded.bad_files]
+    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
+    for item in bad:
+        _log(progress, f"skipped {item['path']}: {item['reason']}")
     history_lines = "".join(json.dumps(row) + "\n" for row in result.history)
     path = write_run(out, info, head, metrics, bad, extra={
         "backbone.safetensors": lambda p: save_file(backbone_state, str(p), metadata={"headstart": "backbone"}),
@@ -377,13 +390,13 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
     return Run.load(path)
 
 
-def nn_sequential(*modules: Any) -> Any:
+def _nn_sequential(*modules: Any) -> Any:
     from torch import nn
 
     return nn.Sequential(*modules).eval()
 
 
-def resolve_precision_for(precision: str) -> str:
+def _resolve_precision_for(precision: str) -> str:
     import torch
 
     from .preprocess import resolve_precision
@@ -434,6 +447,11 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
             raise UsageError("--cv works with --freeze all (head only); fine-tuning reports validation accuracy")
     if not (isinstance(config.ensemble, int) and config.ensemble >= 1):
         raise UsageError(f"ensemble must be a positive integer (members per backbone); got {config.ensemble!r}")
+    if not (isinstance(config.seed, int) and config.seed >= 0):
+        raise UsageError(f"seed must be an integer >= 0; got {config.seed!r}")
+    if config.cv and ("," in config.backbone or config.ensemble > 1):
+        raise UsageError("--cv reports one model's cross-validated accuracy; drop it for ensembles "
+                         "(they report validation accuracy)")
     if "," in config.backbone:
         for name in (b.strip() for b in config.backbone.split(",")):
             if name:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .backbones import Backbone
 from .cache import FeatureCache, atomic_write_bytes
 from .data import ImageSet
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .features import Cut, View, _autocast, default_num_workers, extract_views
 from .preprocess import resolve_precision
 from .stages import StagePlan, stage_plan
@@ -178,8 +178,9 @@ def param_groups(model: FinetuneModel, cfg: FinetuneConfig) -> list[dict[str, An
     """Head at ``lr``; tail at ``lr * d``; stage i (from the top) at ``lr * d ** (depth + 1)``."""
     plan = model.plan
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"}]
-    if plan.tail_parameters():
-        groups.append({"params": plan.tail_parameters(), "lr": cfg.lr * cfg.lr_decay, "name": "tail"})
+    tail = plan.tail_parameters()
+    if tail:
+        groups.append({"params": tail, "lr": cfg.lr * cfg.lr_decay, "name": "tail"})
     for depth, i in enumerate(range(len(plan) - 1, model.n_frozen - 1, -1), start=2):
         params = plan.stage_parameters(i)
         if params:
@@ -301,6 +302,7 @@ class _EpochSampler(torch.utils.data.Sampler):
 @dataclass
 class FinetuneResult:
     model: FinetuneModel
+    bad_files: list[Any]  # BadFile records of images that could not be used
     n_frozen: int
     history: list[dict[str, Any]]
     best_epoch: int
@@ -341,7 +343,7 @@ def finetune(
     start_time = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(precision, device)
-    plan = stage_plan(backbone.model)
+    plan = stage_plan(backbone.model, whole_ok=n_frozen == 0)
     if not 0 <= n_frozen <= len(plan):
         raise UsageError(f"--freeze {n_frozen}: {backbone.name} has {len(plan)} stages ({', '.join(plan.names)})")
     n_classes = len(train_set.class_names)
@@ -352,6 +354,7 @@ def finetune(
     use_cut = n_frozen >= 1 and cfg.cache_cut
 
     cut_seconds = 0.0
+    bad_files: list[Any] = []
     if use_cut:
         with torch.no_grad():
             shape = tuple(plan.run(torch.zeros(1, *backbone.data_config["input_size"]), 0, n_frozen).shape[1:])
@@ -364,6 +367,7 @@ def finetune(
                                 precision=precision, num_workers=num_workers, progress=progress,
                                 desc="val cut cache") if val_set is not None else None
         cut_seconds = time.perf_counter() - t0 if (res.n_computed or (val_res and val_res.n_computed)) else 0.0
+        bad_files = list(res.bad_files) + (list(val_res.bad_files) if val_res is not None else [])
         keep = np.flatnonzero(res.ok)
         train_batches = _CutBatches(cache, [[loc[i] for i in keep] for loc in res.locations], shape, labels[keep])
         labels = labels[keep]
@@ -376,6 +380,8 @@ def finetune(
     else:
         if augment_transform is None:
             augment_transform = val_view.transform
+        train_set, val_set, bad_files = _usable_only(train_set, val_set, cache, num_workers)
+        labels = train_set.labels.astype(np.int64)
         dataset = _AugmentedImages(train_set.paths, labels, augment_transform)
         sampler = _EpochSampler()
         workers = default_num_workers() if num_workers is None else num_workers
@@ -385,6 +391,12 @@ def finetune(
         val_dataset = _AugmentedImages(val_set.paths, val_set.labels.astype(np.int64), val_view.transform) \
             if val_set is not None else None
 
+    missing = [c for c in range(n_classes) if not (labels == c).any()]
+    if missing:
+        names = [train_set.class_names[c] for c in missing]
+        examples = "; ".join(f"{b.path}: {b.reason}" for b in bad_files[:3])
+        raise DataError(f"class(es) {names} have no usable training image after skipping {len(bad_files)} bad "
+                        f"file(s){', e.g. ' + examples if examples else ''}")
     steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -398,7 +410,7 @@ def finetune(
     ckpt = work_dir / "checkpoint.safetensors"
     history: list[dict[str, Any]] = []
     best = {"accuracy": -1.0, "loss": float("inf"), "epoch": 0, "state": None}
-    epoch, step_in_epoch, global_step = 0, 0, 0
+    epoch, step_in_epoch, global_step, bad_epochs = 0, 0, 0, 0
     if resume and ckpt.is_file():
         state = load_state(ckpt)
         if state["config_hash"] == config_hash:
@@ -408,6 +420,7 @@ def finetune(
             epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
             history = state["history"]
             best = {**state["best"], "state": state.get("best_state")}
+            bad_epochs = int(state.get("bad_epochs", 0))
             log(f"resuming from epoch {epoch + 1}, step {step_in_epoch} (global step {global_step})")
         else:
             log("checkpoint found but the settings differ; starting over")
@@ -419,13 +432,13 @@ def finetune(
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                           "history": history, "best": {k: v for k, v in best.items() if k != "state"},
-                          "best_state": best["state"] or {}})
+                          "best_state": best["state"] or {}, "bad_epochs": bad_epochs})
 
     det = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     epoch_times = []
-    bad_epochs = 0
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # fp16 needs loss scaling
     try:
         while epoch < cfg.epochs:
             t_epoch = time.perf_counter()
@@ -452,8 +465,13 @@ def finetune(
                     logits = model.forward_from_cut(x) if use_cut else model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 scheduler.step()
                 step_in_epoch += 1
                 global_step += 1
@@ -462,8 +480,8 @@ def finetune(
                 seen += len(y)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{correct / seen:.3f}")
                 bar.update(1)
-                if global_step % cfg.checkpoint_every == 0:
-                    save_checkpoint()
+                if global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                    save_checkpoint()  # (the last step of an epoch is saved with the epoch's results)
             bar.close()
             row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
                    "train_accuracy": correct / seen if seen else None, "trainable_stages": trainable,
@@ -487,9 +505,9 @@ def finetune(
                 bad_epochs = 0
             else:
                 bad_epochs += 1
-            log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-                + (f", val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
-                + f" ({row['seconds']:.1f}s)")
+            log(f"epoch {epoch + 1}: train loss {_num(row['train_loss'])} acc {_num(row['train_accuracy'])}"
+                + (f", val loss {_num(row['val_loss'])} acc {_num(row['val_accuracy'])}" if "val_accuracy" in row
+                   else "") + f" ({row['seconds']:.1f}s)")
             epoch += 1
             step_in_epoch = 0
             save_checkpoint()
@@ -501,11 +519,46 @@ def finetune(
             torch.use_deterministic_algorithms(det)
     if best["state"]:
         model.load_state_dict(best["state"])
-    model.eval()
-    return FinetuneResult(model=model, n_frozen=n_frozen, history=history, best_epoch=best["epoch"],
+    model.cpu().eval()  # the run is saved and evaluated from the CPU copy
+    return FinetuneResult(model=model, bad_files=bad_files, n_frozen=n_frozen, history=history,
+                          best_epoch=best["epoch"],
                           seconds=time.perf_counter() - start_time,
                           seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else 0.0,
                           cut_seconds=cut_seconds)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _usable_only(train_set: ImageSet, val_set: ImageSet | None, cache: FeatureCache,
+                 num_workers: int | None) -> tuple[ImageSet, ImageSet | None, list[Any]]:
+    """Drop images that cannot be read or decoded (checked once, remembered by the cache), listing them."""
+    from .data import BadFile, ImageDecodeError, decode_image
+    from .preprocess import decoder_id
+
+    bad: list[Any] = []
+
+    def keep(images: ImageSet) -> ImageSet:
+        keys, errors = cache.image_keys(images.paths)
+        known = cache.failures([k for k in keys if k is not None], decoder_id())
+        good = []
+        for i, (path, key) in enumerate(zip(images.paths, keys)):
+            reason = errors.get(i) or (known.get(key) if key else None)
+            if reason is None:
+                try:
+                    decode_image(path)
+                except ImageDecodeError as exc:
+                    reason = str(exc).removeprefix(f"{path}: ")
+                    if exc.permanent and key:
+                        cache.record_failures({key: reason}, decoder_id())
+            if reason is None:
+                good.append(i)
+            else:
+                bad.append(BadFile(str(path), reason))
+        return images.subset(good)
+
+    return keep(train_set), keep(val_set) if val_set is not None else None, bad
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:

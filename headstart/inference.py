@@ -135,7 +135,10 @@ def run_probabilities(run: AnyRun, paths: Sequence[Path], cache: FeatureCache, *
     if weights is not None and len(all_members) > 1:
         raise UsageError("--weights replaces the backbone file of a single run; an ensemble's members keep theirs")
     names = run.class_names
-    probas, oks, bad, computed = [], None, [], 0
+    if not paths:
+        return Probabilities(proba=np.zeros((0, len(names))), ok=np.zeros(0, dtype=bool))
+    probas, oks, computed = [], None, 0
+    bad: dict[str, BadFile] = {}
     for i in chosen:
         member = all_members[i]
         bb = run_backbone(member, weights, cache)
@@ -150,11 +153,12 @@ def run_probabilities(run: AnyRun, paths: Sequence[Path], cache: FeatureCache, *
         full[result.ok] = _align(average_views(per_view[result.ok], average), member.head.classes_, names)
         probas.append(full)
         oks = result.ok if oks is None else oks & result.ok
-        bad = bad or result.bad_files  # every member reads the same files
+        for item in result.bad_files:  # a file can fail for one member only (e.g. non-finite features)
+            bad.setdefault(item.path, item)
     assert oks is not None
     member_weights = [run.weights[i] for i in chosen] if isinstance(run, EnsembleRun) else None
     proba = average_probabilities([p[oks] for p in probas], member_weights)
-    return Probabilities(proba=proba, ok=oks, bad_files=bad, n_computed=computed,
+    return Probabilities(proba=proba, ok=oks, bad_files=list(bad.values()), n_computed=computed,
                          seconds=time.perf_counter() - start)
 
 
@@ -168,7 +172,8 @@ def write_ensemble(out: Path, member_dirs: Sequence[Path], *, weights: Sequence[
     flat: list[tuple[Path, float]] = []
     for r, w in zip(runs, weights or [1.0] * len(runs)):
         if isinstance(r, EnsembleRun):  # an ensemble of ensembles is flattened into its members
-            flat.extend((m.path, w * mw) for m, mw in zip(r.members, r.weights))
+            total = sum(r.weights)  # the inner ensemble as a whole gets weight w
+            flat.extend((m.path, w * mw / total) for m, mw in zip(r.members, r.weights))
         else:
             flat.append((r.path, float(w)))
     members = [Run.load(p) for p, _ in flat]

@@ -56,7 +56,9 @@ class StagePlan:
         return [p for m in self.stages[index] for p in m.parameters()]
 
     def tail_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.post for p in m.parameters()]
+        """Every parameter of the model outside the stages (post layers, head norms, ...)."""
+        in_stages = {id(p) for stage in self.stages for m in stage for p in m.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in in_stages]
 
     def frozen_modules(self, n_frozen: int) -> list[nn.Module]:
         return [m for stage in self.stages[:n_frozen] for m in stage]
@@ -66,8 +68,30 @@ def _children(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
 
 
-def stage_plan(model: nn.Module) -> StagePlan:
-    """The :class:`StagePlan` of a timm model, or a clear error for layouts not mapped yet."""
+class _Features(nn.Module):
+    """The whole feature extractor as one stage, for models whose stages are not mapped."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = [model]  # a list, so the model is not registered twice as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner[0].forward_features(x)
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        return self.inner[0].parameters(recurse)
+
+    def train(self, mode: bool = True) -> _Features:
+        self.inner[0].train(mode)
+        return super().train(mode)
+
+
+def stage_plan(model: nn.Module, whole_ok: bool = False) -> StagePlan:
+    """The :class:`StagePlan` of a timm model, or a clear error for layouts not mapped yet.
+
+    With ``whole_ok``, an unmapped model becomes one stage (its ``forward_features``): enough to
+    train everything (``--freeze none``), not to freeze part of it.
+    """
     has = lambda *names: all(hasattr(model, n) for n in names)  # noqa: E731
     if has("conv_stem", "bn1", "blocks") and isinstance(model.blocks, nn.Sequential):
         names = ["stem"] + [f"blocks.{i}" for i in range(len(model.blocks))]
@@ -83,9 +107,11 @@ def stage_plan(model: nn.Module) -> StagePlan:
         names = ["stem"] + [f"stages.{i}" for i in range(len(model.stages))]
         stages = [[model.stem]] + [[stage] for stage in model.stages]
         return StagePlan(model, names, stages, _children(model, ["norm_pre"]))
+    if whole_ok and hasattr(model, "forward_features"):
+        return StagePlan(model, ["features"], [[_Features(model)]], [])
     raise UsageError(
         f"freezing by stages is not mapped for {type(model).__name__} models yet (supported: EfficientNet/"
-        "MobileNet, ResNet, ConvNeXt families); use --freeze all or --freeze none"
+        "MobileNet, ResNet, ConvNeXt families); use --freeze all (head only) or --freeze none (everything)"
     )
 
 

@@ -154,3 +154,55 @@ def test_describe_stages_counts_every_parameter(fresh_backbone):
     rows = describe_stages(fresh_backbone.model, (3, 224, 224))
     assert sum(r["params"] for r in rows) == sum(p.numel() for p in fresh_backbone.model.parameters())
     assert rows[-1]["output_shape"] == [1280] and np.prod(rows[4]["output_shape"]) == 80 * 14 * 14
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "convnext_atto", "resnet18"])
+def test_every_trainable_parameter_is_optimised(name):
+    from headstart.finetune import FinetuneModel, freeze_stages
+
+    bb = create_backbone(name, weights="random")
+    plan = stage_plan(bb.model)
+    model = FinetuneModel(plan, 2, 3, bb.num_features)
+    freeze_stages(plan, 2)
+    in_groups = {id(p) for g in param_groups(model, FinetuneConfig()) for p in g["params"]}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_groups]
+    assert trainable == []
+
+
+def test_freeze_none_works_for_models_without_a_stage_map(tree, tmp_path):
+    bb = create_backbone("vit_tiny_patch16_224", weights="random")
+    result = _run(bb, tree, tmp_path, 0, epochs=1)
+    assert len(result.history) == 1
+    with pytest.raises(UsageError, match="not mapped"):
+        _run(bb, tree, tmp_path / "b", 2, epochs=1)
+
+
+def test_bad_images_are_skipped_and_reported_when_training_everything(tree, tmp_path, fresh_backbone):
+    (tree / "red" / "broken.png").write_text("not an image")
+    result = _run(fresh_backbone, tree, tmp_path, 0, epochs=1)
+    assert [b.path.rsplit("/", 1)[-1] for b in result.bad_files] == ["broken.png"]
+
+
+def test_resume_when_interrupted_during_end_of_epoch_validation(tree, tmp_path, monkeypatch):
+    import headstart.finetune as ft
+
+    real = ft._evaluate
+    calls = {"n": 0}
+
+    def dies_once(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "_evaluate", dies_once)
+    with pytest.raises(KeyboardInterrupt):
+        _run(create_backbone("tf_efficientnet_lite0"), tree, tmp_path, 6, checkpoint_every=2)
+    data = load_images(tree, val_split=0.25, seed=0)
+    bb = create_backbone("tf_efficientnet_lite0")
+    with FeatureCache(tmp_path / "cache") as cache:
+        resumed = finetune(bb, data.train, data.val, n_frozen=6,
+                           cfg=FinetuneConfig(epochs=2, batch_size=4, checkpoint_every=2), cache=cache,
+                           train_views=[clean_view(bb.data_config)], val_view=clean_view(bb.data_config),
+                           work_dir=tmp_path / "work", resume=True, num_workers=0, progress=False, seed=0)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]

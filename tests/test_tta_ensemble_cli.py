@@ -109,3 +109,17 @@ def test_report_escapes_names_from_the_data(tmp_path, run_cli):
     html = (tmp_path / "report.html").read_text()
     assert evil not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "Ablation" in html and "report written to" in out
+
+
+def test_nested_ensemble_keeps_the_inner_ensembles_weight(single, tree, tmp_path):
+    headstart.make_ensemble([single, single], tmp_path / "inner")
+    headstart.train(tree, tmp_path / "third", cache_dir=tmp_path / "c", num_workers=0, progress=False, val_split=0)
+    outer = headstart.make_ensemble([tmp_path / "inner", tmp_path / "third"], tmp_path / "outer", weights=[1, 3])
+    assert len(outer.members) == 3
+    np.testing.assert_allclose(np.asarray(outer.weights) / sum(outer.weights), [0.125, 0.125, 0.75])
+
+
+def test_predict_on_an_empty_folder(single, tmp_path, run_cli):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("predict", single, tmp_path / "empty", "--cache-dir", tmp_path / "c", "-q")
+    assert code == 1 and "no image could be classified" in err
