@@ -26,7 +26,7 @@ from .data import BadFile
 from .ensemble import average_probabilities, check_compatible
 from .errors import RunError, UsageError
 from .features import extract_views
-from .runs import RUN_FILE, RUN_FORMAT, Run, check_out_folder
+from .runs import RUN_FILE, RUN_FORMAT, Run, check_out_folder, swap_into_place
 from .tta import TTA_MODES, average_views, tta_views
 
 
@@ -199,13 +199,7 @@ def write_ensemble(out: Path, member_dirs: Sequence[Path], *, weights: Sequence[
         info = {"format": RUN_FORMAT, "type": "ensemble", "class_names": members[0].class_names,
                 "members": entries, **(extra or {})}
         (staging / RUN_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        swap_into_place(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -75,6 +75,17 @@ class Run:
         return cls(path, info, head, metrics)
 
 
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Put the complete folder ``staging`` at ``out`` by renames, replacing a previous ``out`` last."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
 def check_out_folder(out: Path) -> None:
     """Refuse an output folder that exists and holds something other than a headstart run."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_FILE).is_file())):
@@ -100,13 +111,7 @@ def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metri
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         (staging / "bad_files.json").write_text(json.dumps(bad_files, indent=2), encoding="utf-8")
         (staging / RUN_FILE).write_text(json.dumps({"format": RUN_FORMAT, **info}, indent=2), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        swap_into_place(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

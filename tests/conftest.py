@@ -75,3 +75,15 @@ def truncated_jpeg(path: Path) -> Path:
     path.with_suffix(".full.jpg").unlink()
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from headstart.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

@@ -9,17 +9,8 @@ import pytest
 from PIL import Image
 
 import headstart
-from headstart.cli import main, parse_aug_params
+from headstart.cli import parse_aug_params
 from headstart.errors import UsageError
-
-
-@pytest.fixture
-def run_cli(capsys):
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def test_train_with_augmented_views(tree, tmp_path):

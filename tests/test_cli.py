@@ -15,12 +15,8 @@ from headstart.cli import main
 
 
 @pytest.fixture
-def cli(capsys):
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
+def cli(run_cli):
+    return run_cli
 
 
 @pytest.fixture

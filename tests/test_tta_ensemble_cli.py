@@ -10,18 +10,8 @@ import pytest
 from conftest import make_tree
 
 import headstart
-from headstart.cli import main
 from headstart.errors import RunError
 from headstart.inference import EnsembleRun, load_run
-
-
-@pytest.fixture
-def run_cli(capsys):
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 @pytest.fixture
