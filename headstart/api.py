@@ -178,6 +178,13 @@ def train(
             if n_stages == 1 and freeze not in ("all", "none"):  # stages not mapped: whole network or nothing
                 freeze, reason = "none", reason + f"; {bb.name}'s stages are not mapped, so training everything"
             _log(progress, f"--freeze auto: {reason}")
+        if freeze == "probe":
+            from .probe import format_probe_table, probe
+
+            freeze, reason, probe_rows = probe(bb, train_set, val_set, cache, precision=config.precision,
+                                               num_workers=config.num_workers, progress=progress)
+            _log(progress, "probe: a linear head on each stage's pooled output\n" + format_probe_table(probe_rows))
+            _log(progress, f"--freeze probe: {reason}")
         if freeze != "all":
             return _train_finetuned(config, data, loaded, train_set, val_set, val_from, bb, cache,
                                     0 if freeze == "none" else int(freeze), Path(out), progress, start)

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("fine-tuning (when --freeze is not 'all')")
     g.add_argument("--freeze", default="all",
                    help="all = head only on cached features (default); none = train everything; N = freeze the "
-                        "first N stages (see 'headstart backbones NAME --stages'); auto = choose from the data size")
+                        "first N stages (see 'headstart backbones NAME --stages'); auto = choose from the data size; "
+                        "probe = fit a linear head on every stage's output and choose from the validation scores")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate of the head (default 1e-3)")
     g.add_argument("--lr-decay", type=float, default=None,
                    help="discriminative rates: each lower stage gets this times the rate above (default 0.5)")

@@ -89,15 +89,15 @@ class FinetuneConfig:
 
 
 def parse_freeze(value: str | int) -> str | int:
-    """``all`` | ``none`` | ``auto`` | a non-negative integer (as int)."""
+    """``all`` | ``none`` | ``auto`` | ``probe`` | a non-negative integer (as int)."""
     if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
         n = int(value)
         if n < 0:
             raise UsageError(f"--freeze N needs N >= 0; got {n}")
         return n
-    if value in ("all", "none", "auto"):
+    if value in ("all", "none", "auto", "probe"):
         return value
-    raise UsageError(f"--freeze must be all, none, auto or a number of stages; got '{value}'")
+    raise UsageError(f"--freeze must be all, none, auto, probe or a number of stages; got '{value}'")
 
 
 def choose_freeze(class_counts: Sequence[int], n_stages: int) -> tuple[str | int, str]:

@@ -206,3 +206,27 @@ def test_resume_when_interrupted_during_end_of_epoch_validation(tree, tmp_path, 
                            train_views=[clean_view(bb.data_config)], val_view=clean_view(bb.data_config),
                            work_dir=tmp_path / "work", resume=True, num_workers=0, progress=False, seed=0)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_probe_rule():
+    from headstart.probe import choose_from_probe
+
+    rows = [{"stage": f"s{i}", "val_accuracy": a} for i, a in enumerate([0.6, 0.9, 0.8, 0.85])]
+    assert choose_from_probe(rows)[0] == 2  # stage s1 is best: freeze stages 1..2, fine-tune the rest
+    assert choose_from_probe(rows, tolerance=0.05)[0] == "all"
+    rows[-1]["val_accuracy"] = 0.95
+    assert choose_from_probe(rows)[0] == "all"
+
+
+def test_probe_runs_in_one_cached_pass(tree, tmp_path, fresh_backbone):
+    from headstart.probe import probe
+
+    data = load_images(tree, val_split=0.25, seed=0)
+    with FeatureCache(tmp_path / "c") as cache:
+        choice, reason, rows = probe(fresh_backbone, data.train, data.val, cache, num_workers=0, progress=False)
+        assert len(rows) == len(stage_plan(fresh_backbone.model)) + 1 and rows[-1]["features"] == 1280
+        assert all(0 <= r["val_accuracy"] <= 1 for r in rows) and reason
+        assert choice == "all" or 1 <= choice <= 8
+        before = cache.stats()["rows"]
+        probe(fresh_backbone, data.train, data.val, cache, num_workers=0, progress=False)
+        assert cache.stats()["rows"] == before  # the second probe reads everything from the cache
