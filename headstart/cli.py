@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"headstart {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a classifier head on a frozen backbone's cached features",
-                       description="Extract (or reuse cached) backbone features and train a head; save the run.")
+    p = sub.add_parser("train", help="train a classifier: head on cached features, fine-tuning, or an ensemble",
+                       description="Extract (or reuse cached) backbone features and train a head, or fine-tune "
+                                   "the top stages (--freeze), or train an ensemble (--backbone A,B / --ensemble M); "
+                                   "save the run.")
     p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest (path,label)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--head", choices=["linear", "mlp"], default="linear",
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy and per-class metrics of a run on labelled data")
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, TTA, ablation and HTML report on labelled data")
     p.add_argument("run", help="run folder written by 'headstart train'")
     p.add_argument("data", help="labelled data (a train/+val/ tree is evaluated on val/)")
     p.add_argument("--weights", default=None, help="weights file, if the run was trained from one that moved")
