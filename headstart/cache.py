@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ CREATE TABLE IF NOT EXISTS decode_failures (image TEXT, decoder TEXT, reason TEX
 CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT);
 """
 _CHUNK = 400  # SQLite host parameters per query (plus the model keys)
+_MEMO_COLUMNS = 2_000_000  # images remembered by the in-process location memo before it starts over
 
 
 class MissingShardError(OSError):
@@ -55,6 +59,49 @@ def _as_index(index: np.ndarray) -> slice | np.ndarray:
     if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
         return slice(int(index[0]), int(index[-1]) + 1)
     return index
+
+
+@dataclass
+class Locations:
+    """Where cached rows live, as arrays: view ``v`` of image ``i`` is row ``rows[v, i]`` of the shard
+    ``shards[index[v, i]]``; ``index`` is -1 where that view is not cached.
+
+    Shard ids are this process's numbering for one cache folder (``shards`` only grows); ``len()`` is
+    the number of views.
+    """
+
+    shards: list[str]
+    index: np.ndarray  # (n_views, n) int32
+    rows: np.ndarray  # (n_views, n) int64
+
+    @property
+    def found(self) -> np.ndarray:
+        """bool ``(n_views, n)``: which views are cached."""
+        return self.index >= 0
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def take(self, images: np.ndarray | Sequence[int]) -> Locations:
+        """The same views of a subset of the images."""
+        images = np.asarray(images, dtype=np.int64)
+        return Locations(self.shards, self.index[:, images], self.rows[:, images])
+
+    def pick(self, images: np.ndarray | Sequence[int], views: np.ndarray | Sequence[int]) -> Locations:
+        """One view per image (``views[j]`` of ``images[j]``), as a single-view :class:`Locations`."""
+        images = np.asarray(images, dtype=np.int64)
+        views = np.asarray(views, dtype=np.int64)
+        return Locations(self.shards, self.index[views, images][None], self.rows[views, images][None])
+
+    def __getitem__(self, view: int) -> list[tuple[str, int] | None]:
+        """``(shard, row)`` of every image's view ``view`` (``None`` where not cached); slow, for inspection."""
+        return [(self.shards[s], int(r)) if s >= 0 else None for s, r in zip(self.index[view], self.rows[view])]
+
+
+def _memo_path(path: str | os.PathLike[str], cwd: str) -> str:
+    """The file-hash memo's key: the absolute path, not normalised (``a/link/../b`` is not ``a/b``)."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(cwd, path)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -93,6 +140,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+class _FolderMemo:
+    """What this process remembers of one cache folder, shared by every :class:`FeatureCache` opened on it.
+
+    * ``located``: (model keys) -> ({image key: column}, index, rows) of images with all those rows
+      cached. A location never goes stale while its shard exists (rows are immutable, shard names are
+      never reused), and :meth:`FeatureCache.verify` notices a vanished shard and clears this memo, so
+      it stays right when other processes write or lose shards.
+    * ``shards``: open memory maps; ``shard_names`` / ``shard_ids``: this process's shard numbering.
+    """
+
+    def __init__(self) -> None:
+        self.shards: dict[str, torch.Tensor] = {}  # read-only memory maps (torch never writes to them)
+        self.shard_names: list[str] = []
+        self.shard_ids: dict[str, int] = {}
+        self.located: dict[tuple[str, ...], tuple[dict[str, int], np.ndarray, np.ndarray]] = {}
+
+
+_MEMOS: dict[str, _FolderMemo] = {}
+_OPEN_MAPS = 4096  # memory-mapped shards kept open per folder before they are all closed and reopened on demand
+
+
 class FeatureCache:
     """Feature rows keyed by (model key, image content hash).
 
@@ -109,7 +177,12 @@ class FeatureCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # the index is small; never let it outrun the shards
         self._db.executescript(_SCHEMA)
-        self._shards: dict[str, np.ndarray] = {}
+        memo = _MEMOS.get(str(self.root.resolve()))
+        if memo is None:
+            memo = _MEMOS[str(self.root.resolve())] = _FolderMemo()
+        self._memo = memo
+        self._shards, self._shard_names, self._shard_ids, self._located = (
+            memo.shards, memo.shard_names, memo.shard_ids, memo.located)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -130,8 +203,7 @@ class FeatureCache:
             yield from self._db.execute(sql.format(marks=marks), (*fixed, *chunk))
 
     def close(self) -> None:
-        self._db.close()
-        self._shards.clear()
+        self._db.close()  # the folder's memo outlives this object: the next FeatureCache on it starts warm
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -145,7 +217,9 @@ class FeatureCache:
         """sha256 of each file's bytes, memoised on (path, size, mtime, ctime, inode).
 
         ctime cannot be set from user space, so a rewrite that keeps size and mtime (``cp -p``,
-        ``rsync -a``) still changes the memo key and the file is hashed again.
+        ``rsync -a``) still changes the memo key and the file is hashed again. The memo is keyed by
+        the absolute path as written (symbolic links are not resolved: ``stat`` follows them, and
+        the inode in the stamp is the target's, so a re-pointed link is hashed again).
 
         Returns:
             (keys, errors): ``keys[i]`` is ``None`` when file ``i`` could not be read, and then
@@ -153,27 +227,23 @@ class FeatureCache:
         """
         keys: list[str | None] = []
         errors: dict[int, str] = {}
-        resolved: list[str | None] = []
-        for path in paths:
-            try:
-                resolved.append(str(Path(path).resolve()))
-            except OSError:
-                resolved.append(None)
+        cwd = os.getcwd()
+        absolute = [_memo_path(path, cwd) for path in paths]
         memo = {row[0]: row[1:] for row in self._select_in(
             "SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM file_hashes WHERE path IN ({marks})",
-            (), [r for r in resolved if r is not None])}
+            (), absolute)}
         fresh: list[tuple[str, int, int, int, int, str]] = []
-        for i, (path, real) in enumerate(zip(paths, resolved)):
+        for i, real in enumerate(absolute):
             try:
-                if real is None:
-                    raise OSError(f"cannot resolve '{path}'")
                 st = os.stat(real)
                 stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                 hit = memo.get(real)
                 if hit and tuple(hit[:4]) == stamp:
                     keys.append(hit[4])
                     continue
-                digest = hashlib.sha256(Path(real).read_bytes()).hexdigest()
+                with open(real, "rb") as handle:
+                    digest = hashlib.file_digest(handle, "sha256").hexdigest() if hasattr(
+                        hashlib, "file_digest") else hashlib.sha256(handle.read()).hexdigest()
             except OSError as exc:
                 keys.append(None)
                 errors[i] = "file not found" if isinstance(exc, FileNotFoundError) else \
@@ -188,8 +258,8 @@ class FeatureCache:
 
     def remember_hash(self, path: Path, digest: str) -> None:
         """Record that ``path`` (as it is now on disk) holds content ``digest``."""
+        real = _memo_path(path, os.getcwd())
         try:
-            real = str(Path(path).resolve())
             st = os.stat(real)
         except OSError:
             return
@@ -277,43 +347,160 @@ class FeatureCache:
     def forget_shard(self, shard: str) -> None:
         """Drop the index rows of a shard that is gone or unreadable, so its images are recomputed."""
         self._shards.pop(shard, None)
+        self._located.clear()
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE shard = ?", (shard,))
 
-    def read(self, locations: Sequence[tuple[str, int]], dim: int) -> np.ndarray:
-        """Gather rows from memory-mapped shards as a float32 array ``(len(locations), dim)``.
+    def _shard_id(self, shard: str) -> int:
+        sid = self._shard_ids.get(shard)
+        if sid is None:
+            sid = self._shard_ids[shard] = len(self._shard_names)
+            self._shard_names.append(shard)
+        return sid
+
+    def locate(self, keys: Sequence[str], images: Sequence[str | None]) -> Locations:
+        """Where each image's row lives for each model key: a :class:`Locations` of shape ``(len(keys), n)``.
+
+        ``None`` image keys are never found. Images whose rows were all found before in this process
+        are answered from memory without a query; the others from the index.
+        """
+        n, n_views = len(images), len(keys)
+        index = np.full((n_views, n), -1, dtype=np.int32)
+        rows = np.zeros((n_views, n), dtype=np.int64)
+        memo_key = tuple(keys)
+        memo = self._located.get(memo_key)
+        hit = np.zeros(n, dtype=bool)
+        if memo is not None:
+            columns, known_index, known_rows = memo
+            cols = np.fromiter((columns.get(k, -1) if k is not None else -1 for k in images), np.int64, count=n)
+            hit = cols >= 0
+            index[:, hit] = known_index[:, cols[hit]]
+            rows[:, hit] = known_rows[:, cols[hit]]
+        todo = [i for i in np.flatnonzero(~hit).tolist() if images[i] is not None]
+        if not todo:
+            return Locations(self._shard_names, index, rows)
+        found = self.lookup_many(keys, [images[i] for i in todo])
+        for v, located in enumerate(found):
+            for i in todo:
+                where = located.get(images[i])  # type: ignore[arg-type]
+                if where is not None:
+                    index[v, i] = self._shard_id(where[0])
+                    rows[v, i] = where[1]
+        complete = [i for i in todo if (index[:, i] >= 0).all()]
+        if complete:
+            if memo is None or len(memo[0]) + len(complete) > _MEMO_COLUMNS:
+                if sum(len(m[0]) for m in self._located.values()) + len(complete) > _MEMO_COLUMNS:
+                    self._located.clear()
+                memo = ({}, np.empty((n_views, 0), np.int32), np.empty((n_views, 0), np.int64))
+            columns, known_index, known_rows = memo
+            first = []  # the first column of each new image (a folder may hold the same content twice)
+            for i in complete:
+                if images[i] not in columns:
+                    columns[images[i]] = len(columns)  # type: ignore[index]
+                    first.append(i)
+            self._located[memo_key] = (columns, np.concatenate([known_index, index[:, first]], axis=1),
+                                       np.concatenate([known_rows, rows[:, first]], axis=1))
+        return Locations(self._shard_names, index, rows)
+
+    def _shard_array(self, shard: str, dim: int) -> torch.Tensor:
+        """The shard memory-mapped read-only, as a tensor ``(rows, dim)`` in the storage dtype."""
+        tensor = self._shards.get(shard)
+        if tensor is None:
+            try:
+                array = np.load(self.root / "shards" / shard, mmap_mode="r")
+                if array.ndim != 2 or array.shape[1] != dim:
+                    raise ValueError(f"shape {array.shape}")
+            except (OSError, ValueError):
+                self.forget_shard(shard)
+                raise MissingShardError(shard) from None
+            with warnings.catch_warnings():  # torch warns that the array is read-only; we only ever read it
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.from_numpy(array)
+            if len(self._shards) >= _OPEN_MAPS:
+                self._shards.clear()
+            self._shards[shard] = tensor
+        return tensor
+
+    def verify(self, locations: Locations, dim: int) -> bool:
+        """Check that every shard ``locations`` points at is on disk and readable; forget all that are not.
+
+        Returns:
+            False if any shard was forgotten: locate the images again, and their rows are missing.
+        """
+        intact = True
+        for sid in np.unique(locations.index[locations.index >= 0]).tolist():
+            shard = locations.shards[sid]
+            if shard in self._shards and not (self.root / "shards" / shard).exists():
+                self._shards.pop(shard)  # deleted, though still readable through our map: forget it anyway
+            try:
+                self._shard_array(shard, dim)
+            except MissingShardError:
+                intact = False
+        return intact
+
+    def iter_rows(self, locations: Locations, dim: int, max_rows: int = 4096,
+                  ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """The cached rows of ``locations``, shard by shard: ``(positions, rows)`` pairs.
+
+        ``positions`` are flat indices ``i * n_views + v`` into ``(n, n_views)``; ``rows`` is a tensor
+        ``(len(positions), dim)`` in the storage dtype: a slice of the memory-mapped shard when the rows
+        are consecutive (the usual case), else a gathered copy. At most ``max_rows`` rows at a time.
+        Grouping is done with numpy: no Python work per row.
 
         Raises:
             MissingShardError: a shard is gone or unreadable; its rows are dropped from the index
                 first, so looking the images up again finds them missing and they get recomputed.
         """
-        out = np.empty((len(locations), dim), dtype=np.float32)
-        by_shard: dict[str, list[tuple[int, int]]] = {}
-        for i, (shard, row) in enumerate(locations):
-            by_shard.setdefault(shard, []).append((i, row))
-        for shard, pairs in by_shard.items():
-            array = self._shards.get(shard)
-            if array is None:
-                try:
-                    array = np.load(self.root / "shards" / shard, mmap_mode="r")
-                    if array.ndim != 2 or array.shape[1] != dim:
-                        raise ValueError(f"shape {array.shape}")
-                except (OSError, ValueError):
+        flat_index = locations.index.T.reshape(-1)
+        present = np.flatnonzero(flat_index >= 0)
+        if not len(present):
+            return
+        present = present[np.argsort(flat_index[present], kind="stable")]  # by shard, image order within
+        ids = flat_index[present]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [len(ids)]])
+        flat_rows = locations.rows.T.reshape(-1)
+        for begin, end in itertools.pairwise(starts.tolist()):
+            shard = locations.shards[int(ids[begin])]
+            source = self._shard_array(shard, dim)
+            for start in range(begin, end, max_rows):
+                positions = present[start:min(end, start + max_rows)]
+                src = flat_rows[positions]
+                if src.max() >= len(source):
                     self.forget_shard(shard)
-                    raise MissingShardError(shard) from None
-                self._shards[shard] = array
-            dest, rows = (np.fromiter(v, dtype=np.int64, count=len(pairs)) for v in zip(*pairs))
-            if rows.max() >= len(array):
-                self.forget_shard(shard)
-                raise MissingShardError(shard)
-            block = torch.from_numpy(np.array(array[_as_index(rows)], copy=True))  # runs of rows: one slice
-            where = _as_index(dest)
-            target = torch.from_numpy(out)
-            if isinstance(where, slice):  # torch converts float16 -> float32 ~50x faster than numpy
-                target[where].copy_(block)
+                    raise MissingShardError(shard)
+                where = _as_index(src)
+                yield positions, (source[where] if isinstance(where, slice) else
+                                  source.index_select(0, torch.from_numpy(src)))
+
+    def read_locations(self, locations: Locations, dim: int) -> np.ndarray:
+        """Gather the rows of ``locations`` as float32 ``(n, n_views, dim)``; zeros where not cached.
+
+        Torch copies (and converts float16 -> float32, ~50x faster than numpy) shard by shard, a
+        strided slice when the rows are one view of a run of images.
+
+        Raises:
+            MissingShardError: as :meth:`iter_rows`.
+        """
+        n_views, n = locations.index.shape
+        out = np.zeros((n, n_views, dim), dtype=np.float32)
+        target = torch.from_numpy(out.reshape(n * n_views, dim))
+        for dest, block in self.iter_rows(locations, dim, max_rows=max(1, n * n_views)):
+            step = int(dest[1] - dest[0]) if len(dest) > 1 else 1
+            if step > 0 and dest[-1] - dest[0] == step * (len(dest) - 1) and (np.diff(dest) == step).all():
+                target[int(dest[0]):int(dest[-1]) + 1:step].copy_(block)
             else:
-                target[torch.from_numpy(where)] = block.float()
+                target.index_copy_(0, torch.from_numpy(dest), block.float())
         return out
+
+    def read(self, locations: Sequence[tuple[str, int]], dim: int) -> np.ndarray:
+        """Gather rows given as ``(shard, row)`` pairs as a float32 array ``(len(locations), dim)``.
+
+        Raises:
+            MissingShardError: as :meth:`read_locations`.
+        """
+        index = np.fromiter((self._shard_id(shard) for shard, _ in locations), np.int32, count=len(locations))
+        rows = np.fromiter((row for _, row in locations), np.int64, count=len(locations))
+        return self.read_locations(Locations(self._shard_names, index[None], rows[None]), dim)[:, 0]
 
     def stats(self) -> dict[str, Any]:
         n_rows = self._db.execute("SELECT COUNT(*) FROM features").fetchone()[0]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .cache import FeatureCache, MissingShardError, model_key
+from .cache import FeatureCache, Locations, MissingShardError, model_key
 from .data import BadFile, ImageDecodeError, decode_bytes
 from .errors import UsageError
 from .preprocess import decoder_id, eval_transform, preprocessing_signature, resolve_precision
@@ -124,7 +124,7 @@ class FeatureResult:
     images_per_second: float = 0.0
     model_key: str = ""  # of the first view
     precision: str = ""
-    locations: list[list[tuple[str, int] | None]] = field(default_factory=list)  # [view][image] -> (shard, row)
+    locations: Locations | None = None  # where each (view, image) row lives in the cache
     dim: int = 0
 
 
@@ -280,8 +280,8 @@ def extract_views(
     """Features of several views of every image (e.g. clean + K augmented), through the cache.
 
     With ``cut``, rows are the flattened activations at that cut point instead of pooled features.
-    With ``load=False`` nothing is read back: ``result.locations[v][i]`` says where image ``i``'s
-    view ``v`` lives, for :meth:`FeatureCache.read` on demand (memory-mapped, batch by batch).
+    With ``load=False`` nothing is read back: ``result.locations`` says where each image's views
+    live, for :meth:`FeatureCache.read_locations` on demand (memory-mapped, batch by batch).
 
     Each image is read and decoded once for all of its missing views. Arguments as in
     :func:`extract_features`; ``batch_size`` counts forwarded views.
@@ -321,18 +321,20 @@ def extract_views(
     n_computed = 0
     n_cached: int | None = None
     for _attempt in range(3):  # a missing shard drops its rows; the next pass recomputes them
-        valid = [k for k in image_keys if k is not None]
-        located = cache.lookup_many(keys, valid)
+        located = cache.locate(keys, image_keys)  # arrays (n_views, n): no Python work per view on a warm cache
+        if not cache.verify(located, dim):  # every vanished shard is forgotten at once; recompute its rows
+            located = cache.locate(keys, image_keys)
         if n_cached is None:
-            n_cached = sum(1 for k in image_keys if k is not None for loc in located if k in loc)
-        known_failures = cache.failures([k for k in valid if not all(k in loc for loc in located)], decoder)
+            n_cached = int(located.found.sum())
+        ok = located.found.all(axis=0)
+        known_failures = cache.failures([image_keys[i] for i in np.flatnonzero(~ok)
+                                         if image_keys[i] is not None], decoder)
         todo: dict[str, tuple[int, list[int]]] = {}  # content -> (first path index, missing views)
-        for i, k in enumerate(image_keys):
+        for i in np.flatnonzero(~ok).tolist():
+            k = image_keys[i]
             if k is None or k in known_failures or k in todo:
                 continue
-            missing = [v for v in range(n_views) if k not in located[v]]
-            if missing:
-                todo[k] = (i, missing)
+            todo[k] = (i, np.flatnonzero(~located.found[:, i]).tolist())
         if todo:
             computed, renamed, failed = _compute_missing(
                 backbone, paths, todo, views, keys, cache, decoder, device, precision, batch_size, num_workers,
@@ -343,40 +345,34 @@ def extract_views(
                     image_keys[i] = renamed[k]
                 if k in failed:
                     bad[i] = failed[k]
-            valid = [k for k in image_keys if k is not None]
-            located = cache.lookup_many(keys, valid)
-            known_failures = cache.failures([k for k in valid if not all(k in loc for loc in located)], decoder)
-        features = np.zeros((n, n_views, dim if load else 0), dtype=np.float32)
-        ok = np.ones(n, dtype=bool)
-        where: list[list[tuple[str, int] | None]] = []
+            located = cache.locate(keys, image_keys)
+            if not cache.verify(located, dim):  # pragma: no cover - a shard vanished while we computed
+                continue
+            ok = located.found.all(axis=0)
+            known_failures = cache.failures([image_keys[i] for i in np.flatnonzero(~ok)
+                                             if image_keys[i] is not None], decoder)
+        if not load:
+            features = np.zeros((n, n_views, 0), dtype=np.float32)
+            break
         try:
-            for v in range(n_views):
-                rows = [(i, located[v][k]) for i, k in enumerate(image_keys) if k is not None and k in located[v]]
-                have = np.zeros(n, dtype=bool)
-                where.append([None] * n)
-                if rows:
-                    index, locations = zip(*rows)
-                    if load:
-                        features[list(index), v] = cache.read(locations, dim)
-                    for i, loc in rows:
-                        where[v][i] = loc
-                    have[list(index)] = True
-                ok &= have
+            features = cache.read_locations(located, dim)
         except MissingShardError:
             continue
         break
     else:  # pragma: no cover - only if shards vanish again and again while we run
         raise MissingShardError("several")
-    features[~ok] = 0.0
-    for i, k in enumerate(image_keys):
-        if not ok[i] and k is not None and i not in bad:
+    if not ok.all():
+        features[~ok] = 0.0  # an image with only some of its views cached has none
+    for i in np.flatnonzero(~ok).tolist():
+        k = image_keys[i]
+        if k is not None and i not in bad:
             bad[i] = known_failures.get(k, "no features (decoding failed in an earlier step)")
     bad_files = [BadFile(str(paths[i]), reason) for i, reason in sorted(bad.items()) if not ok[i]]
     seconds = time.perf_counter() - start
     return FeatureResult(
         features=features, ok=ok, bad_files=bad_files, n_computed=n_computed, n_cached=n_cached or 0,
         seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0, model_key=keys[0],
-        precision=precision, locations=where, dim=dim,
+        precision=precision, locations=located, dim=dim,
     )
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .cache import FeatureCache, atomic_write_bytes
+from .cache import FeatureCache, Locations, atomic_write_bytes
 from .data import ImageSet
 from .errors import DataError, UsageError
 from .features import Cut, View, _autocast, default_num_workers, extract_views
@@ -240,10 +240,10 @@ def _seed(*parts: Any) -> int:
 class _CutBatches:
     """Batches of cached cut activations: a random view per image per epoch, read memory-mapped."""
 
-    def __init__(self, cache: FeatureCache, locations: list[list[tuple[str, int] | None]], shape: Sequence[int],
+    def __init__(self, cache: FeatureCache, locations: Locations, shape: Sequence[int],
                  labels: np.ndarray) -> None:
         self.cache = cache
-        self.locations = locations  # [view][image]
+        self.locations = locations  # (n_views, n_images)
         self.shape = tuple(shape)
         self.labels = labels
         self.dim = int(np.prod(shape))
@@ -254,8 +254,8 @@ class _CutBatches:
             if b < skip:
                 continue
             idx = order[start:start + batch_size]
-            locs = [self.locations[v][i] for i, v in zip(idx, views[idx])]
-            x = torch.from_numpy(self.cache.read(locs, self.dim)).view(len(idx), *self.shape)
+            rows = self.cache.read_locations(self.locations.pick(idx, views[idx]), self.dim)
+            x = torch.from_numpy(rows).view(len(idx), *self.shape)
             yield x, torch.from_numpy(self.labels[idx])
 
 
@@ -369,13 +369,13 @@ def finetune(
         cut_seconds = time.perf_counter() - t0 if (res.n_computed or (val_res and val_res.n_computed)) else 0.0
         bad_files = list(res.bad_files) + (list(val_res.bad_files) if val_res is not None else [])
         keep = np.flatnonzero(res.ok)
-        train_batches = _CutBatches(cache, [[loc[i] for i in keep] for loc in res.locations], shape, labels[keep])
+        train_batches = _CutBatches(cache, res.locations.take(keep), shape, labels[keep])
         labels = labels[keep]
         n_views = len(train_views)
         val_batches = None
         if val_res is not None and val_res.ok.any():
             vkeep = np.flatnonzero(val_res.ok)
-            val_batches = _CutBatches(cache, [[val_res.locations[0][i] for i in vkeep]], shape,
+            val_batches = _CutBatches(cache, val_res.locations.take(vkeep), shape,
                                       val_set.labels.astype(np.int64)[vkeep])
     else:
         if augment_transform is None:

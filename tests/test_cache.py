@@ -1,0 +1,140 @@
+"""The feature cache's array interface: locating rows, the in-process location memo, gathering rows."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from headstart.cache import FeatureCache, Locations, MissingShardError
+
+DIM = 8
+
+
+def _rows(n: int, offset: float) -> np.ndarray:
+    return (np.arange(n * DIM, dtype=np.float32).reshape(n, DIM) + offset) / 8  # distinct, exact in float16
+
+
+@pytest.fixture
+def filled(cache: FeatureCache) -> tuple[FeatureCache, dict[tuple[str, str], np.ndarray]]:
+    """Two model keys; key "a" spread over two shards, key "b" in one shard in another image order."""
+    truth: dict[tuple[str, str], np.ndarray] = {}
+    images = [f"img{i}" for i in range(6)]
+    for key, batches in {"a": [images[:4], images[4:]], "b": [images[::-1]]}.items():
+        for b, names in enumerate(batches):
+            rows = _rows(len(names), 200 * (key == "b") + 100 * b)
+            cache.write(key, names, rows)
+            truth.update({(key, name): row for name, row in zip(names, rows)})
+    return cache, truth
+
+
+def test_read_locations_gathers_every_view_of_every_image(filled):
+    cache, truth = filled
+    images = ["img5", "img0", "nope", "img3", "img0", None]  # out of order, unknown, repeated, unreadable
+    located = cache.locate(["a", "b"], images)
+    assert located.found.tolist() == [[True, True, False, True, True, False]] * 2
+    out = cache.read_locations(located, DIM)
+    assert out.shape == (6, 2, DIM) and out.dtype == np.float32
+    for i, image in enumerate(images):
+        for v, key in enumerate(["a", "b"]):
+            expected = truth.get((key, image), np.zeros(DIM, np.float32))
+            np.testing.assert_array_equal(out[i, v], expected)
+
+
+def test_read_locations_one_view_per_image_and_subsets(filled):
+    cache, truth = filled
+    images = [f"img{i}" for i in range(6)]
+    located = cache.locate(["a", "b"], images)
+    picked = located.pick([4, 1, 2], [1, 0, 1])
+    np.testing.assert_array_equal(cache.read_locations(picked, DIM)[:, 0],
+                                  [truth["b", "img4"], truth["a", "img1"], truth["b", "img2"]])
+    taken = located.take([5, 0])
+    np.testing.assert_array_equal(cache.read_locations(taken, DIM)[1], [truth["a", "img0"], truth["b", "img0"]])
+    assert located[1][0] == (located.shards[located.index[1, 0]], int(located.rows[1, 0]))
+    np.testing.assert_array_equal(cache.read(located[0][:2], DIM), [truth["a", "img0"], truth["a", "img1"]])
+
+
+def test_locate_answers_from_memory_the_second_time(filled, monkeypatch):
+    cache, _ = filled
+    images = ["img1", "img2", "img1"]  # the same content twice
+    first = cache.locate(["a", "b"], images)
+
+    def no_query(*args, **kwargs):
+        raise AssertionError("the index was queried")
+
+    monkeypatch.setattr(cache, "lookup_many", no_query)
+    again = cache.locate(["a", "b"], images)
+    np.testing.assert_array_equal(first.index, again.index)
+    np.testing.assert_array_equal(first.rows, again.rows)
+    with pytest.raises(AssertionError, match="queried"):  # an image not seen before still asks the index
+        cache.locate(["a", "b"], ["img3"])
+
+
+def test_a_vanished_shard_is_noticed_through_the_memo(filled):
+    cache, _ = filled
+    images = [f"img{i}" for i in range(6)]
+    located = cache.locate(["a"], images)
+    cache.read_locations(located, DIM)  # maps both shards
+    gone = located.shards[located.index[0, 5]]
+    (cache.root / "shards" / gone).unlink()
+    assert not cache.verify(cache.locate(["a"], images), DIM)  # noticed although this process had it mapped
+    assert cache.locate(["a"], images).found.tolist() == [[True] * 4 + [False] * 2]  # memo and index forgot it
+    assert cache.verify(cache.locate(["a"], images), DIM)
+
+
+def test_another_process_reading_a_vanished_shard(filled, monkeypatch):
+    import headstart.cache
+
+    cache, _ = filled
+    images = [f"img{i}" for i in range(6)]
+    located = cache.locate(["a"], images)
+    (cache.root / "shards" / located.shards[located.index[0, 0]]).unlink()
+    monkeypatch.setattr(headstart.cache, "_MEMOS", {})  # what a new process would see
+    with FeatureCache(cache.root) as other:
+        with pytest.raises(MissingShardError):
+            other.read_locations(other.locate(["a"], images), DIM)
+        assert other.locate(["a"], images).found.tolist() == [[False] * 4 + [True] * 2]
+
+
+def test_caches_on_one_folder_share_the_memo(filled, monkeypatch):
+    cache, _ = filled
+    cache.locate(["a", "b"], ["img1"])
+    with FeatureCache(cache.root) as other:
+        monkeypatch.setattr(other, "lookup_many", lambda *a: pytest.fail("the index was queried"))
+        assert other.locate(["a", "b"], ["img1"]).found.all()
+
+
+def test_locations_of_nothing(cache):
+    empty = cache.locate(["a"], [])
+    assert isinstance(empty, Locations) and empty.index.shape == (1, 0)
+    assert cache.read_locations(empty, DIM).shape == (0, 1, DIM)
+
+
+def test_image_keys_are_the_same_for_relative_and_absolute_paths(tmp_path, cache, monkeypatch):
+    (tmp_path / "a.bin").write_bytes(b"alpha")
+    monkeypatch.chdir(tmp_path)
+    relative = cache.image_keys(["a.bin"])[0]
+    assert cache.image_keys([tmp_path / "a.bin"])[0] == relative
+    assert relative[0] is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_a_repointed_symlink_is_hashed_again(tmp_path, cache):
+    import hashlib
+
+    (tmp_path / "a.bin").write_bytes(b"alpha")
+    (tmp_path / "b.bin").write_bytes(b"bravo")
+    link = tmp_path / "link.bin"
+    link.symlink_to(tmp_path / "a.bin")
+    assert cache.image_keys([link])[0] == [hashlib.sha256(b"alpha").hexdigest()]
+    link.unlink()
+    link.symlink_to(tmp_path / "b.bin")
+    assert cache.image_keys([link])[0] == [hashlib.sha256(b"bravo").hexdigest()]
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "a.bin").write_bytes(b"charlie")
+    inner = tmp_path / "inner"
+    inner.symlink_to(sub)
+    # 'inner/../a.bin' is tmp_path/a.bin as the OS resolves it, although it reads like 'a.bin' next to 'inner'
+    assert cache.image_keys([str(inner) + "/../a.bin"])[0] == [hashlib.sha256(b"alpha").hexdigest()]
