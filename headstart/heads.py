@@ -117,9 +117,30 @@ class _Head:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise UsageError(f"X must have shape (n, {self.n_features_in_}); got {X.shape}")
+        return self.logit_function()(torch.from_numpy(X)).numpy()
+
+    def logit_function(self) -> Any:
+        """A function float32 tensor ``(m, n_features)`` -> logits ``(m, n_classes)``, for many calls.
+
+        The standardisation is folded into the first linear layer once (one pass over the rows, no
+        temporaries). ``predict_proba`` is the softmax of these logits. Use it to score blocks of rows
+        that are already tensors (:func:`~headstart.tta.predict_proba_cached`) without per-call overhead.
+        """
+        self._check_fitted()
         self.module_.eval()
         with torch.no_grad():
-            return self.module_(torch.from_numpy(X)).numpy()
+            std, first, rest = self.module_[0], self.module_[1], self.module_[2:]
+            weight = first.weight / std.scale
+            bias = first.bias - weight @ std.mean
+
+        if len(rest) == 0:  # a linear head: nothing else to run, and weight/bias carry no autograd history
+            return lambda x: F.linear(x, weight, bias)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return rest(F.linear(x, weight, bias))
+
+        return logits
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` in the order of ``classes_``."""

@@ -158,3 +158,17 @@ def test_linear_fit_views_with_one_view_equals_fit():
     a = LinearHead().fit(x, y).predict_proba(x)
     b = LinearHead().fit_views(x[:, None, :], y).predict_proba(x)
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: LinearHead(standardize=True), lambda: MLPHead(hidden=32)])
+def test_prediction_folds_the_standardisation_without_changing_it(make):
+    import torch
+
+    x, y = blobs()
+    x = x * 50 + 7  # far from standardised, so an unapplied standardisation would show
+    head = make().fit(x, y)
+    assert not torch.allclose(head.module_[0].scale, torch.ones_like(head.module_[0].scale))
+    head.module_.eval()
+    with torch.no_grad():
+        unfolded = head.module_(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(head.decision_function(x), unfolded, rtol=1e-4, atol=1e-4)
