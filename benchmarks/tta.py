@@ -7,7 +7,12 @@ DATA defaults to ../shared/data/ants_bees_train beside this repository. Each mod
 feature cache, so its cold row pays for everything: read, hash, decode, one resize, the crops and one
 backbone forward per view (all crops of a batch in one forward). The cached row repeats the same call on
 the warm cache (hash memo, lookups, reading rows) and adds the head (predict on every view, average);
-it is the best of ``--repeats`` runs (its extract_views part is shown apart). ms per image counts images, not views.
+it is the best of ``--repeats`` runs. ms per image counts images, not views.
+
+The cached row times what ``evaluate``/``predict`` do per model (:func:`headstart.inference.view_probabilities`):
+``extract_views(load=False)`` (stat every file, hash memo, locate every view's row) and then the head on the
+features read back block by block from the memory-mapped float16 shards. The last column times the older
+path that materialises all features as one float32 array first (``extract_views`` + ``predict_proba_views``).
 
 Accuracy: one linear head, fitted on the clean (centre) features of a stratified 80/20 split
 (:func:`headstart.data.stratified_split`, seed 0), scores the held-out 20% with each mode's views averaged.
@@ -22,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from headstart.backbones import DEFAULT_BACKBONE, create_backbone
@@ -29,6 +35,7 @@ from headstart.cache import FeatureCache
 from headstart.data import load_images, stratified_split
 from headstart.features import extract_views
 from headstart.heads import LinearHead
+from headstart.inference import view_probabilities
 from headstart.tta import predict_proba_views, tta_views
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ants_bees_train"
@@ -42,6 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip the headstart.evaluate() rows")
     args = parser.parse_args()
     modes = args.modes.split(",")
 
@@ -68,34 +76,65 @@ def main() -> None:
                 if head is None:  # the centre view is the clean view: the same features in every mode
                     head = LinearHead().fit(cold.features[train_idx, 0], labels[train_idx])
                 predict_proba_views(head, cold.features)  # a first call pays torch's one-off set-up
-                cached_s, lookup_s = float("inf"), float("inf")
+                cached_s, loaded_s = float("inf"), float("inf")
+                for _ in range(args.repeats):  # apart from the other path, so neither evicts the other's data
+                    start = time.perf_counter()
+                    proba, located = view_probabilities(head, backbone, paths, views, cache, **common)
+                    cached_s = min(cached_s, time.perf_counter() - start)
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     warm = extract_views(backbone, paths, views, cache=cache, **common)
-                    looked_up = time.perf_counter()
-                    proba = predict_proba_views(head, warm.features)
-                    if time.perf_counter() - start < cached_s:
-                        cached_s, lookup_s = time.perf_counter() - start, looked_up - start
-                if warm.n_computed:
+                    predict_proba_views(head, warm.features)
+                    loaded_s = min(loaded_s, time.perf_counter() - start)
+                if warm.n_computed or located.n_computed:
                     raise SystemExit(f"the warm run of {mode} computed {warm.n_computed} views")
+                np.testing.assert_allclose(proba, predict_proba_views(head, warm.features), rtol=1e-5, atol=1e-6)
             geo = predict_proba_views(head, warm.features[val_idx], method="geomean")
             rows[mode] = {
                 "views": len(views), "cold": 1000 * cold_s / n, "cached": 1000 * cached_s / n,
-                "lookup": 1000 * lookup_s / n,
+                "loaded": 1000 * loaded_s / n,
                 "accuracy": float((head.classes_[proba[val_idx].argmax(1)] == labels[val_idx]).mean()),
                 "geomean": float((head.classes_[geo.argmax(1)] == labels[val_idx]).mean()),
             }
             r = rows[mode]
-            print(f"{mode:>10}: {r['views']:2d} views  cold {r['cold']:7.2f} ms/img  cached {r['cached']:6.3f} ms/img "
-                  f"({r['lookup']:.3f} of it extract_views)"
+            print(f"{mode:>10}: {r['views']:2d} views  cold {r['cold']:7.2f} ms/img  cached {r['cached']:7.4f} ms/img "
+                  f"(all loaded first: {r['loaded']:.4f})"
                   f"  held-out accuracy {r['accuracy']:.4f} (geomean {r['geomean']:.4f})  [{cold.precision}]",
                   flush=True)
+
+        if not args.no_end_to_end:
+            end_to_end(args.data, Path(tmp) / "e2e", modes, args.repeats, rows)
 
     if "none" in rows and "10crop" in rows:
         for kind, target in TARGETS.items():
             ratio = rows["10crop"][kind] / rows["none"][kind]
             verdict = "meets" if ratio <= target else "MISSES"
             print(f"10crop/none {kind:>6}: {ratio:5.2f}x (target <= {target}x: {verdict})")
+        if "evaluate" in rows["none"]:
+            ratio = rows["10crop"]["evaluate"] / rows["none"]["evaluate"]
+            verdict = "meets" if ratio <= TARGETS["cached"] else "MISSES"
+            print(f"10crop/none evaluate(): {ratio:5.2f}x (target <= {TARGETS['cached']}x: {verdict})")
+
+
+def end_to_end(data: str, root: Path, modes: list[str], repeats: int, rows: dict[str, dict[str, float]]) -> None:
+    """What a user waits for when re-evaluating a head-only run on a warm cache, in one Python session:
+    ``headstart.evaluate(run, data, tta=mode)`` (load the run, scan the folder, features from the cache,
+    head, averaging, metrics)."""
+    import headstart
+
+    kw = {"cache_dir": root / "cache", "progress": False}
+    headstart.train(data, root / "run", **kw)
+    for mode in modes:
+        headstart.evaluate(root / "run", data, tta=mode, **kw)  # fills the crop cache
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = headstart.evaluate(root / "run", data, tta=mode, **kw)
+            best = min(best, time.perf_counter() - start)
+        rows[mode]["evaluate"] = 1000 * best / result["n_images"]
+        print(f"{mode:>10}: headstart.evaluate() on a warm cache {rows[mode]['evaluate']:7.4f} ms/img "
+              f"(accuracy {result['accuracy']:.4f} on all {result['n_images']} images, training ones included)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from .backbones import Backbone, create_backbone
-from .cache import FeatureCache
+from .cache import FeatureCache, MissingShardError
 from .data import BadFile
 from .ensemble import average_probabilities, check_compatible
 from .errors import RunError, UsageError
-from .features import extract_views
+from .features import FeatureResult, View, extract_views
 from .runs import RUN_FILE, RUN_FORMAT, Run, check_out_folder, swap_into_place
-from .tta import TTA_MODES, average_views, tta_views
+from .tta import TTA_MODES, predict_proba_cached, tta_views
 
 
 @dataclass
@@ -115,6 +115,31 @@ def _align(proba: np.ndarray, head_classes: np.ndarray, class_names: Sequence[st
     return out
 
 
+def view_probabilities(head: Any, backbone: Backbone, paths: Sequence[Path], views: Sequence[View],
+                       cache: FeatureCache, *, precision: str = "auto", average: str = "mean", batch_size: int = 32,
+                       num_workers: int | None = None, progress: bool = True, desc: str = "features",
+                       ) -> tuple[np.ndarray, FeatureResult]:
+    """One head's probabilities for ``paths``, averaged over ``views`` (e.g. :func:`~headstart.tta.tta_views`).
+
+    Missing features are computed into the cache; then the features are read back block by block
+    (:func:`~headstart.tta.predict_proba_cached`), so memory stays bounded whatever the number of crops.
+
+    Returns:
+        (probabilities of the images in ``result.ok``, columns in ``head.classes_`` order; the extraction result).
+    """
+    computed = 0
+    for attempt in range(3):  # a shard that vanished meanwhile is dropped from the index; extracting refills it
+        result = extract_views(backbone, paths, views, cache=cache, precision=precision, batch_size=batch_size,
+                               num_workers=num_workers, progress=progress, load=False, desc=desc)
+        computed = result.n_computed = computed + result.n_computed
+        try:
+            return predict_proba_cached(head, cache, result, average), result
+        except MissingShardError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def run_probabilities(run: AnyRun, paths: Sequence[Path], cache: FeatureCache, *, tta: str = "none",
                       average: str = "mean", members: Sequence[int] | None = None, weights: str | None = None,
                       batch_size: int = 32, num_workers: int | None = None, progress: bool = True) -> Probabilities:
@@ -143,14 +168,13 @@ def run_probabilities(run: AnyRun, paths: Sequence[Path], cache: FeatureCache, *
         member = all_members[i]
         bb = run_backbone(member, weights, cache)
         views = tta_views(bb.data_config, tta)
-        result = extract_views(bb, paths, views, cache=cache, precision=member.info["preprocessing"]["precision"],
-                               batch_size=batch_size, num_workers=num_workers, progress=progress,
-                               desc=f"features ({bb.name}, {len(views)} view{'s' if len(views) > 1 else ''})")
+        member_proba, result = view_probabilities(
+            member.head, bb, paths, views, cache, precision=member.info["preprocessing"]["precision"],
+            average=average, batch_size=batch_size, num_workers=num_workers, progress=progress,
+            desc=f"features ({bb.name}, {len(views)} view{'s' if len(views) > 1 else ''})")
         computed += result.n_computed
-        n, v, d = result.features.shape
-        per_view = member.head.predict_proba(result.features.reshape(n * v, d)).reshape(n, v, -1)
-        full = np.zeros((n, len(names)))
-        full[result.ok] = _align(average_views(per_view[result.ok], average), member.head.classes_, names)
+        full = np.zeros((len(paths), len(names)))
+        full[result.ok] = _align(member_proba, member.head.classes_, names)
         probas.append(full)
         oks = result.ok if oks is None else oks & result.ok
         for item in result.bad_files:  # a file can fail for one member only (e.g. non-finite features)

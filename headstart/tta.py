@@ -25,6 +25,12 @@ Example:
     >>> views = tta_views(backbone.data_config, "10crop")                        # doctest: +SKIP
     >>> result = extract_views(backbone, paths, views, cache=cache)              # doctest: +SKIP
     >>> proba = predict_proba_views(head, result.features[result.ok])            # doctest: +SKIP
+
+For many images, leave the features in the cache and score them where they lie (what ``evaluate`` and
+``predict`` do; memory stays bounded whatever the number of crops):
+
+    >>> result = extract_views(backbone, paths, views, cache=cache, load=False)  # doctest: +SKIP
+    >>> proba = predict_proba_cached(head, cache, result)                        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cache import FeatureCache
 from .errors import UsageError
-from .features import View
+from .features import FeatureResult, View
 from .preprocess import eval_transform
 
 TTA_MODES = ("none", "flip", "5crop", "10crop", "multiscale")
@@ -313,3 +320,38 @@ def predict_proba_views(head: Any, features: np.ndarray, method: str = "mean") -
     n, v, d = features.shape
     proba = np.asarray(head.predict_proba(features.reshape(n * v, d)))
     return average_views(proba.reshape(n, v, -1), method)
+
+
+def predict_proba_cached(head: Any, cache: FeatureCache, result: FeatureResult, method: str = "mean",
+                         max_rows: int = 4096) -> np.ndarray:
+    """:func:`predict_proba_views` over features left in the cache, without gathering them first.
+
+    ``result`` comes from :func:`~headstart.features.extract_views` with ``load=False``. The head runs on
+    each shard's rows as they lie in the memory-mapped file (float16, converted block by block), and
+    only the probabilities are gathered, so evaluating a large folder with 10 crops never holds its
+    crop features in memory (100,000 images x 10 crops x 1280 floats would be 5 GB).
+
+    Returns:
+        ``(result.ok.sum(), k)`` probabilities of the images whose views are all cached, in order.
+
+    Example:
+        >>> result = extract_views(backbone, paths, views, cache=cache, load=False)   # doctest: +SKIP
+        >>> proba = predict_proba_cached(head, cache, result)                          # doctest: +SKIP
+    """
+    if result.locations is None:
+        raise UsageError("result has no cache locations; pass the result of extract_views(..., load=False)")
+    located = result.locations.take(np.flatnonzero(result.ok))
+    n_views, n = located.index.shape
+    if hasattr(head, "logit_function"):  # headstart heads: logits per shard group, one softmax at the end
+        logit_fn = head.logit_function()
+        logits = torch.zeros((n * n_views, len(head.classes_)), dtype=torch.float32)
+        for positions, rows in cache.iter_rows(located, result.dim, max_rows=max_rows):
+            logits[torch.from_numpy(positions)] = logit_fn(rows.float())
+        proba = torch.softmax(logits.double(), dim=1).numpy()  # as head.predict_proba does
+    else:  # any other head with predict_proba
+        proba = np.zeros((n * n_views, len(head.classes_)))
+        for positions, rows in cache.iter_rows(located, result.dim, max_rows=max_rows):
+            proba[positions] = head.predict_proba(rows.float().numpy())
+    if n == 0:
+        return np.zeros((0, len(head.classes_)))
+    return average_views(proba.reshape(n, n_views, -1), method)

@@ -18,6 +18,7 @@ from headstart.tta import (
     average_views,
     crop_box,
     crop_boxes,
+    predict_proba_cached,
     predict_proba_views,
     tta_crops,
     tta_views,
@@ -218,3 +219,30 @@ def test_tta_views_in_extract_views_reuse_clean_cache(tree, backbone, cache):
     clean_key = model_key(feature_description(backbone, result.precision, dtype=cache.dtype.name,
                                               view={"view": "clean"}))
     assert result.model_key == clean.model_key == clean_key
+
+
+@pytest.mark.parametrize("max_rows", [1, 7, 4096])
+def test_predict_proba_cached_equals_the_in_memory_path(tree, tmp_path, backbone, cache, max_rows):
+    from headstart.heads import LinearHead
+
+    paths = sorted(tree.rglob("*.png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths = [*paths[:4], broken, *paths[-3:]]
+    views = tta_views(backbone.data_config, "10crop")
+    loaded = extract_views(backbone, paths, views, cache=cache, num_workers=0, progress=False)
+    assert loaded.ok.tolist() == [True] * 4 + [False] + [True] * 3
+    head = LinearHead().fit(loaded.features[loaded.ok, 0], [p.parent.name for p in np.array(paths)[loaded.ok]])
+    located = extract_views(backbone, paths, views, cache=cache, num_workers=0, progress=False, load=False)
+    assert located.n_computed == 0 and located.features.shape == (8, 10, 0)
+    for method in ("mean", "geomean"):
+        expected = predict_proba_views(head, loaded.features[loaded.ok], method)
+        got = predict_proba_cached(head, cache, located, method, max_rows=max_rows)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_predict_proba_cached_needs_locations(backbone):
+    from headstart.features import FeatureResult
+
+    with pytest.raises(UsageError, match="load=False"):
+        predict_proba_cached(None, None, FeatureResult(features=np.zeros((1, 1, 0)), ok=np.ones(1, bool)))

@@ -40,6 +40,17 @@ def test_tta_views_are_cached(single, tree, tmp_path):
         assert cache.stats()["rows"] == before  # nothing new: the mirror crops came from the cache
 
 
+def test_evaluate_recomputes_crop_features_whose_shard_vanished(single, tree, tmp_path):
+    kw = {"cache_dir": tmp_path / "c", "num_workers": 0, "progress": False}
+    first = headstart.evaluate(single, tree, tta="flip", **kw)
+    for shard in (tmp_path / "c" / "shards").rglob("*.npy"):
+        shard.unlink()
+    again = headstart.evaluate(single, tree, tta="flip", **kw)
+    assert again["accuracy"] == first["accuracy"] and again["n_images"] == first["n_images"]
+    with headstart.FeatureCache(tmp_path / "c") as cache:
+        assert cache.stats()["bytes"] > 0  # the features were computed and cached again
+
+
 def test_predict_with_tta(single, tree, tmp_path):
     result = headstart.predict(single, [tree / "red"], tta="5crop", tta_average="geomean",
                                cache_dir=tmp_path / "c", num_workers=0, progress=False)
