@@ -320,13 +320,21 @@ class FeatureCache:
                 db.executemany("INSERT OR REPLACE INTO decode_failures VALUES (?, ?, ?)",
                                [(img, decoder, reason) for img, reason in failures.items()])
 
-    def write(self, key: str, images: Sequence[str], rows: np.ndarray) -> None:
-        """Store ``rows[i]`` as the feature of ``images[i]``: one new shard, then one index transaction."""
+    def write(self, key: str | Sequence[str], images: Sequence[str], rows: np.ndarray) -> None:
+        """Store ``rows[i]`` as the feature of ``images[i]``: one new shard, then one index transaction.
+
+        Args:
+            key: the model key of every row, or one per row (e.g. all views of a batch of images in
+                one shard, image by image, so that reading them back is one slice).
+        """
         if len(images) == 0:
             return
         if len(images) != len(rows):
             raise ValueError(f"{len(images)} image keys for {len(rows)} feature rows")
-        shard = f"{key[:24]}/{uuid.uuid4().hex}.npy"
+        keys = [key] * len(images) if isinstance(key, str) else list(key)
+        if len(keys) != len(images):
+            raise ValueError(f"{len(keys)} model keys for {len(images)} feature rows")
+        shard = f"{keys[0][:24]}/{uuid.uuid4().hex}.npy"
         path = self.root / "shards" / shard
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -342,7 +350,7 @@ class FeatureCache:
         _fsync_dir(path.parent)  # the rename is durable before the index points at it
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
-                           [(key, image, shard, r) for r, image in enumerate(images)])
+                           [(k, image, shard, r) for r, (k, image) in enumerate(zip(keys, images))])
 
     def forget_shard(self, shard: str) -> None:
         """Drop the index rows of a shard that is gone or unreadable, so its images are recomputed."""

@@ -398,7 +398,7 @@ def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tupl
                         collate_fn=_collate, pin_memory=False)
     model = backbone.model.to(device).eval()
     model.to(memory_format=torch.channels_last)
-    pending: dict[int, tuple[list[str], list[np.ndarray]]] = {v: ([], []) for v in range(len(views))}
+    pending: list[tuple[str, str, np.ndarray]] = []  # (model key, image key, row), image by image
     permanent: dict[str, str] = {}
     renamed: dict[str, str] = {}
     failed: dict[str, str] = {}
@@ -406,12 +406,11 @@ def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tupl
     pending_images = 0
     dim = backbone.num_features if cut is None else cut.dim
 
-    def flush() -> None:
-        for v, (names, rows) in pending.items():
-            if names:
-                cache.write(keys[v], names, np.concatenate(rows))
-                names.clear()
-                rows.clear()
+    def flush() -> None:  # one shard holds every view of these images, so reading them back is one slice
+        if pending:
+            cache.write([k for k, _, _ in pending], [name for _, name, _ in pending],
+                        np.concatenate([row for _, _, row in pending]))
+            pending.clear()
         cache.record_failures(permanent, decoder)
         permanent.clear()
 
@@ -437,15 +436,14 @@ def _compute_missing(backbone: Backbone, paths: list[Path], todo: dict[str, tupl
                 finite = np.isfinite(out).all(axis=1)
                 for row, (expected, actual, v) in enumerate(owners):
                     if finite[row]:
-                        pending[v][0].append(actual)
-                        pending[v][1].append(out[row:row + 1])
+                        pending.append((keys[v], actual, out[row:row + 1]))
                         computed += 1
                     else:
                         failed[expected] = (f"the backbone gave non-finite features in {precision} "
                                             "(try --precision fp32)")
             bar.update(len(items))
             pending_images += len(items)
-            pending_bytes = sum(len(names) for names, _ in pending.values()) * dim * cache.dtype.itemsize
+            pending_bytes = len(pending) * dim * cache.dtype.itemsize
             if pending_images >= flush_every or pending_bytes >= FLUSH_BYTES:  # big shards read fast
                 flush()
                 pending_images = 0

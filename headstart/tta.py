@@ -323,7 +323,7 @@ def predict_proba_views(head: Any, features: np.ndarray, method: str = "mean") -
 
 
 def predict_proba_cached(head: Any, cache: FeatureCache, result: FeatureResult, method: str = "mean",
-                         max_rows: int = 4096) -> np.ndarray:
+                         max_rows: int = 1024) -> np.ndarray:
     """:func:`predict_proba_views` over features left in the cache, without gathering them first.
 
     ``result`` comes from :func:`~headstart.features.extract_views` with ``load=False``. The head runs on

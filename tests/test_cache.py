@@ -138,3 +138,13 @@ def test_a_repointed_symlink_is_hashed_again(tmp_path, cache):
     inner.symlink_to(sub)
     # 'inner/../a.bin' is tmp_path/a.bin as the OS resolves it, although it reads like 'a.bin' next to 'inner'
     assert cache.image_keys([str(inner) + "/../a.bin"])[0] == [hashlib.sha256(b"alpha").hexdigest()]
+
+
+def test_one_shard_can_hold_several_model_keys(cache):
+    rows = _rows(4, 0)
+    cache.write(["a", "b", "a", "b"], ["x", "x", "y", "y"], rows)  # both views of x, then both of y
+    located = cache.locate(["a", "b"], ["y", "x"])
+    assert len(set(located.index.ravel().tolist())) == 1  # one shard
+    np.testing.assert_array_equal(cache.read_locations(located, DIM), [[rows[2], rows[3]], [rows[0], rows[1]]])
+    with pytest.raises(ValueError, match="model keys"):
+        cache.write(["a"], ["x", "y"], rows[:2])
