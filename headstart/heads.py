@@ -122,23 +122,24 @@ class _Head:
     def logit_function(self) -> Any:
         """A function float32 tensor ``(m, n_features)`` -> logits ``(m, n_classes)``, for many calls.
 
-        The standardisation is folded into the first linear layer once (one pass over the rows, no
-        temporaries). ``predict_proba`` is the softmax of these logits. Use it to score blocks of rows
-        that are already tensors (:func:`~headstart.tta.predict_proba_cached`) without per-call overhead.
+        The standardisation's scale is folded into the first linear layer once; its mean is subtracted
+        only when it is not zero (a head fitted without standardisation makes one pass over the rows,
+        no temporaries). The mean is not folded into the bias: for a feature that was constant in
+        training the scale is tiny, and ``x @ (W / scale) - (W / scale) @ mean`` would cancel badly.
+        ``predict_proba`` is the softmax of these logits. Use it to score blocks of rows that are
+        already tensors (:func:`~headstart.tta.predict_proba_cached`) without per-call overhead.
         """
         self._check_fitted()
         self.module_.eval()
         with torch.no_grad():
             std, first, rest = self.module_[0], self.module_[1], self.module_[2:]
             weight = first.weight / std.scale
-            bias = first.bias - weight @ std.mean
-
-        if len(rest) == 0:  # a linear head: nothing else to run, and weight/bias carry no autograd history
-            return lambda x: F.linear(x, weight, bias)
+            bias = first.bias.detach().clone()
+            mean = std.mean.detach().clone() if bool(std.mean.any()) else None
 
         def logits(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return rest(F.linear(x, weight, bias))
+                return rest(F.linear(x if mean is None else x - mean, weight, bias))
 
         return logits
 

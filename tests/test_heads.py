@@ -172,3 +172,15 @@ def test_prediction_folds_the_standardisation_without_changing_it(make):
     with torch.no_grad():
         unfolded = head.module_(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(head.decision_function(x), unfolded, rtol=1e-4, atol=1e-4)
+
+
+def test_prediction_is_exact_for_a_feature_that_was_constant_in_training():
+    import torch
+
+    x, y = blobs(d=16)
+    x[:, :8] = 6.0  # e.g. a ReLU6 channel saturated on every image: its scale is clamped to 1e-6
+    head = MLPHead(hidden=32).fit(x, y)
+    head.module_.eval()
+    with torch.no_grad():
+        unfolded = head.module_(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(head.decision_function(x), unfolded, rtol=1e-5, atol=1e-5)
