@@ -340,11 +340,13 @@ def extract_views(
                 backbone, paths, todo, views, keys, cache, decoder, device, precision, batch_size, num_workers,
                 flush_every, progress, desc, cut)
             n_computed += computed
-            for i, k in enumerate(image_keys):
-                if k in renamed:  # the file changed after hashing: use what was really decoded
-                    image_keys[i] = renamed[k]
-                if k in failed:
+            for i, k in enumerate(image_keys):  # a duplicate of a failed file's content fails alike ...
+                if k in failed and (k not in renamed or i == todo[k][0]):  # ... unless that file had changed
                     bad[i] = failed[k]
+            for k, actual in renamed.items():  # the file changed after hashing: use what was really decoded,
+                image_keys[todo[k][0]] = actual  # for that path only (a duplicate of the old content keeps it)
+            if any(k in renamed and i not in bad for i, k in enumerate(image_keys)):
+                continue  # those duplicates still need the old content's features: one more pass
             located = cache.locate(keys, image_keys)
             if not cache.verify(located, dim):  # pragma: no cover - a shard vanished while we computed
                 continue

@@ -227,6 +227,22 @@ def test_feature_is_filed_under_the_bytes_really_decoded(tmp_path, backbone, cac
     assert "stale-hash" not in cache.lookup(result.model_key, [real_key, "stale-hash"])
 
 
+def test_a_duplicate_of_a_file_that_changed_keeps_its_own_features(tmp_path, backbone, cache, monkeypatch):
+    a = make_image(tmp_path / "a.png", (200, 20, 20))  # now holds other bytes than when it was hashed
+    b = make_image(tmp_path / "b.png", (20, 20, 200))  # holds the bytes a held when it was hashed
+    old_key = cache.image_keys([b])[0][0]
+    real = cache.image_keys
+    monkeypatch.setattr(cache, "image_keys", lambda paths: ([old_key, old_key], {}))
+    both = _extract(backbone, [a, b], cache)
+    monkeypatch.setattr(cache, "image_keys", real)
+    assert both.ok.all() and both.n_computed == 2
+    alone_a = _extract(backbone, [a], cache)
+    alone_b = _extract(backbone, [b], cache)
+    np.testing.assert_array_equal(both.features[0], alone_a.features[0])
+    np.testing.assert_array_equal(both.features[1], alone_b.features[0])
+    assert not np.allclose(both.features[0], both.features[1])
+
+
 def test_bad_batch_size_is_a_usage_error(tree, backbone, cache):
     from headstart.errors import UsageError
 
