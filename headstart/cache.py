@@ -15,6 +15,7 @@ shard and an interrupted extraction loses at most the rows not yet flushed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -154,11 +155,54 @@ class _FolderMemo:
         self.shards: dict[str, torch.Tensor] = {}  # read-only memory maps (torch never writes to them)
         self.shard_names: list[str] = []
         self.shard_ids: dict[str, int] = {}
-        self.located: dict[tuple[str, ...], tuple[dict[str, int], np.ndarray, np.ndarray]] = {}
+        self.located: dict[tuple[str, ...], _Located] = {}
+        self.open_caches = 0  # FeatureCache objects open on this folder; the maps are let go at 0
+
+
+class _Located:
+    """Locations of images with every row of one tuple of model keys cached; arrays grow by doubling."""
+
+    def __init__(self, n_views: int) -> None:
+        self.columns: dict[str, int] = {}
+        self.index = np.empty((n_views, 64), dtype=np.int32)
+        self.rows = np.empty((n_views, 64), dtype=np.int64)
+
+    def add(self, images: Sequence[str], index: np.ndarray, rows: np.ndarray) -> None:
+        """Remember column ``j`` of ``index``/``rows`` for each ``images[j]`` not known yet (first one wins)."""
+        fresh = []
+        for j, image in enumerate(images):
+            if image not in self.columns:
+                self.columns[image] = len(self.columns)
+                fresh.append(j)
+        stop = len(self.columns)
+        start = stop - len(fresh)
+        if stop > self.index.shape[1]:  # amortised: many small calls do not copy everything each time
+            self.index, self.rows = (_grow(a, max(stop, 2 * a.shape[1])) for a in (self.index, self.rows))
+        self.index[:, start:stop] = index[:, fresh]
+        self.rows[:, start:stop] = rows[:, fresh]
+
+
+def _grow(array: np.ndarray, columns: int) -> np.ndarray:
+    out = np.empty((array.shape[0], columns), dtype=array.dtype)
+    out[:, :array.shape[1]] = array
+    return out
 
 
 _MEMOS: dict[str, _FolderMemo] = {}
-_OPEN_MAPS = 4096  # memory-mapped shards kept open per folder before they are all closed and reopened on demand
+
+
+def _open_maps_limit() -> int:
+    """Memory maps kept open per folder: each holds a file descriptor, so a quarter of the process's limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # not on Windows
+        return 128
+    return 4096 if soft == resource.RLIM_INFINITY else max(16, min(4096, soft // 4))
+
+
+_OPEN_MAPS = _open_maps_limit()
 
 
 class FeatureCache:
@@ -177,10 +221,13 @@ class FeatureCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # the index is small; never let it outrun the shards
         self._db.executescript(_SCHEMA)
-        memo = _MEMOS.get(str(self.root.resolve()))
+        self._memo_key = str(self.root.resolve())
+        memo = _MEMOS.get(self._memo_key)
         if memo is None:
-            memo = _MEMOS[str(self.root.resolve())] = _FolderMemo()
+            memo = _MEMOS[self._memo_key] = _FolderMemo()
+        memo.open_caches += 1
         self._memo = memo
+        self._closed = False
         self._shards, self._shard_names, self._shard_ids, self._located = (
             memo.shards, memo.shard_names, memo.shard_ids, memo.located)
 
@@ -203,7 +250,17 @@ class FeatureCache:
             yield from self._db.execute(sql.format(marks=marks), (*fixed, *chunk))
 
     def close(self) -> None:
-        self._db.close()  # the folder's memo outlives this object: the next FeatureCache on it starts warm
+        """Close the index. The folder's location memo outlives this object (the next FeatureCache on the
+        folder starts warm), but its memory maps, which hold file descriptors, go with the last one."""
+        self._db.close()
+        if self._closed:
+            return
+        self._closed = True
+        self._memo.open_caches -= 1
+        if self._memo.open_caches <= 0:
+            self._shards.clear()
+            if not self.root.exists():  # a temporary cache that is gone: nothing of it is worth keeping
+                _MEMOS.pop(self._memo_key, None)
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -379,11 +436,10 @@ class FeatureCache:
         memo = self._located.get(memo_key)
         hit = np.zeros(n, dtype=bool)
         if memo is not None:
-            columns, known_index, known_rows = memo
-            cols = np.fromiter((columns.get(k, -1) if k is not None else -1 for k in images), np.int64, count=n)
+            cols = np.fromiter((memo.columns.get(k, -1) for k in images), np.int64, count=n)  # type: ignore[arg-type]
             hit = cols >= 0
-            index[:, hit] = known_index[:, cols[hit]]
-            rows[:, hit] = known_rows[:, cols[hit]]
+            index[:, hit] = memo.index[:, cols[hit]]
+            rows[:, hit] = memo.rows[:, cols[hit]]
         todo = [i for i in np.flatnonzero(~hit).tolist() if images[i] is not None]
         if not todo:
             return Locations(self._shard_names, index, rows)
@@ -396,26 +452,38 @@ class FeatureCache:
                     rows[v, i] = where[1]
         complete = [i for i in todo if (index[:, i] >= 0).all()]
         if complete:
-            if memo is None or len(memo[0]) + len(complete) > _MEMO_COLUMNS:
-                if sum(len(m[0]) for m in self._located.values()) + len(complete) > _MEMO_COLUMNS:
-                    self._located.clear()
-                memo = ({}, np.empty((n_views, 0), np.int32), np.empty((n_views, 0), np.int64))
-            columns, known_index, known_rows = memo
-            first = []  # the first column of each new image (a folder may hold the same content twice)
-            for i in complete:
-                if images[i] not in columns:
-                    columns[images[i]] = len(columns)  # type: ignore[index]
-                    first.append(i)
-            self._located[memo_key] = (columns, np.concatenate([known_index, index[:, first]], axis=1),
-                                       np.concatenate([known_rows, rows[:, first]], axis=1))
+            if sum(len(m.columns) for m in self._located.values()) + len(complete) > _MEMO_COLUMNS:
+                self._located.clear()
+                memo = None
+            if memo is None:
+                memo = self._located[memo_key] = _Located(n_views)
+            memo.add([images[i] for i in complete], index[:, complete], rows[:, complete])  # type: ignore[misc]
         return Locations(self._shard_names, index, rows)
+
+    def _load_shard(self, shard: str) -> np.ndarray:
+        """Memory-map a shard. Running out of file descriptors or memory is not the shard's fault: the
+        maps are let go and it is tried once more, and if that fails too the error is raised as it is
+        (only a shard that is really missing or damaged gets forgotten)."""
+        try:
+            return np.load(self.root / "shards" / shard, mmap_mode="r")
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            self._shards.clear()
+        try:
+            return np.load(self.root / "shards" / shard, mmap_mode="r")
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise RuntimeError(f"cannot open feature shard '{shard}': {exc.strerror}; raise the limit of "
+                                   "open files (ulimit -n) or free memory") from exc
+            raise
 
     def _shard_array(self, shard: str, dim: int) -> torch.Tensor:
         """The shard memory-mapped read-only, as a tensor ``(rows, dim)`` in the storage dtype."""
         tensor = self._shards.get(shard)
         if tensor is None:
             try:
-                array = np.load(self.root / "shards" / shard, mmap_mode="r")
+                array = self._load_shard(shard)
                 if array.ndim != 2 or array.shape[1] != dim:
                     raise ValueError(f"shape {array.shape}")
             except (OSError, ValueError):
@@ -453,7 +521,8 @@ class FeatureCache:
         ``positions`` are flat indices ``i * n_views + v`` into ``(n, n_views)``; ``rows`` is a tensor
         ``(len(positions), dim)`` in the storage dtype: a slice of the memory-mapped shard when the rows
         are consecutive (the usual case), else a gathered copy. At most ``max_rows`` rows at a time.
-        Grouping is done with numpy: no Python work per row.
+        Grouping is done with numpy: no Python work per row. The rows are read-only: a slice of a
+        read-only memory map cannot be written (the process would crash); copy them to modify them.
 
         Raises:
             MissingShardError: a shard is gone or unreadable; its rows are dropped from the index

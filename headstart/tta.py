@@ -340,18 +340,21 @@ def predict_proba_cached(head: Any, cache: FeatureCache, result: FeatureResult, 
     """
     if result.locations is None:
         raise UsageError("result has no cache locations; pass the result of extract_views(..., load=False)")
-    located = result.locations.take(np.flatnonzero(result.ok))
+    located = result.locations if result.ok.all() else result.locations.take(np.flatnonzero(result.ok))
     n_views, n = located.index.shape
     if hasattr(head, "logit_function"):  # headstart heads: logits per shard group, one softmax at the end
         logit_fn = head.logit_function()
         logits = torch.zeros((n * n_views, len(head.classes_)), dtype=torch.float32)
         for positions, rows in cache.iter_rows(located, result.dim, max_rows=max_rows):
-            logits[torch.from_numpy(positions)] = logit_fn(rows.float())
+            if positions[-1] - positions[0] == len(positions) - 1:  # sorted and unique: a run of positions
+                logits[int(positions[0]):int(positions[-1]) + 1] = logit_fn(rows.float())
+            else:
+                logits[torch.from_numpy(positions)] = logit_fn(rows.float())
         proba = torch.softmax(logits.double(), dim=1).numpy()  # as head.predict_proba does
     else:  # any other head with predict_proba
         proba = np.zeros((n * n_views, len(head.classes_)))
         for positions, rows in cache.iter_rows(located, result.dim, max_rows=max_rows):
-            proba[positions] = head.predict_proba(rows.float().numpy())
+            proba[positions] = head.predict_proba(rows.to(torch.float32, copy=True).numpy())  # never the map
     if n == 0:
         return np.zeros((0, len(head.classes_)))
     return average_views(proba.reshape(n, n_views, -1), method)

@@ -148,3 +148,57 @@ def test_one_shard_can_hold_several_model_keys(cache):
     np.testing.assert_array_equal(cache.read_locations(located, DIM), [[rows[2], rows[3]], [rows[0], rows[1]]])
     with pytest.raises(ValueError, match="model keys"):
         cache.write(["a"], ["x", "y"], rows[:2])
+
+
+def test_running_out_of_file_descriptors_does_not_forget_a_shard(filled, monkeypatch):
+    import errno
+
+    cache, truth = filled
+    located = cache.locate(["a"], ["img0"])
+    calls = []
+    real_load = np.load
+
+    def no_descriptors(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(np, "load", no_descriptors)
+    with pytest.raises(RuntimeError, match="ulimit"):
+        cache.read_locations(located, DIM)
+    assert len(calls) == 2  # the maps were let go and it was tried once more
+    monkeypatch.setattr(np, "load", real_load)
+    assert cache.locate(["a"], ["img0"]).found.all()  # the shard is still in the index
+    np.testing.assert_array_equal(cache.read_locations(located, DIM)[0, 0], truth["a", "img0"])
+
+
+def test_the_last_cache_on_a_folder_lets_its_memory_maps_go(filled):
+    cache, _ = filled
+    with FeatureCache(cache.root) as other:
+        other.read_locations(other.locate(["a", "b"], ["img0"]), DIM)
+        assert other._memo.shards  # mapped, and shared with `cache`
+    assert cache._memo.shards  # `cache` is still open
+    cache.close()
+    assert not cache._memo.shards
+    with FeatureCache(cache.root) as again:  # the location memo is still there
+        assert again._memo is cache._memo and again._memo.located
+
+
+def test_a_head_that_writes_into_its_input_gets_a_copy(tmp_path):
+    from headstart.features import FeatureResult
+    from headstart.tta import predict_proba_cached
+
+    with FeatureCache(tmp_path / "c32", dtype="float32") as cache:
+        rows = _rows(3, 0)
+        cache.write("a", ["x", "y", "z"], rows)
+
+        class Scribbler:  # e.g. a scikit-learn pipeline with StandardScaler(copy=False)
+            classes_ = np.array([0, 1])
+
+            def predict_proba(self, X):
+                X -= X.mean(0)
+                return np.tile([0.25, 0.75], (len(X), 1))
+
+        located = cache.locate(["a"], ["x", "y", "z"])
+        result = FeatureResult(features=np.zeros((3, 1, 0)), ok=np.ones(3, bool), locations=located, dim=DIM)
+        np.testing.assert_allclose(predict_proba_cached(Scribbler(), cache, result), [[0.25, 0.75]] * 3)
+        np.testing.assert_array_equal(cache.read_locations(located, DIM)[:, 0], rows)  # the shard is untouched
