@@ -144,8 +144,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class _FolderMemo:
     """What this process remembers of one cache folder, shared by every :class:`FeatureCache` opened on it.
 
-    * ``located``: (model keys) -> ({image key: column}, index, rows) of images with all those rows
-      cached. A location never goes stale while its shard exists (rows are immutable, shard names are
+    * ``located``: (model keys) -> :class:`_Located`, where the rows of images that have all of
+      them cached live. A location never goes stale while its shard exists (rows are immutable, shard names are
       never reused), and :meth:`FeatureCache.verify` notices a vanished shard and clears this memo, so
       it stays right when other processes write or lose shards.
     * ``shards``: open memory maps; ``shard_names`` / ``shard_ids``: this process's shard numbering.
@@ -197,7 +197,7 @@ def _open_maps_limit() -> int:
         import resource
 
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):  # not on Windows
+    except (ImportError, OSError, ValueError):  # no ``resource`` module (Windows)
         return 128
     return 4096 if soft == resource.RLIM_INFINITY else max(16, min(4096, soft // 4))
 
