@@ -7,6 +7,8 @@ keeps working. Messages name the file or parameter, what was expected, what was 
 
 from __future__ import annotations
 
+from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+
 
 class HeadstartError(Exception):
     """Base class of every error headstart raises on purpose."""
@@ -39,5 +41,8 @@ class RunError(HeadstartError, ValueError):
     """A saved run folder is missing, incomplete or does not match what it is used with."""
 
 
-class NotFittedError(HeadstartError, AttributeError):
-    """A head was asked to predict before ``fit`` was called."""
+class NotFittedError(HeadstartError, _SklearnNotFittedError):
+    """A head was asked to predict before ``fit`` was called.
+
+    Also scikit-learn's ``NotFittedError``, so a ``ValueError`` and an ``AttributeError``.
+    """

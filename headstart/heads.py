@@ -1,9 +1,13 @@
-"""Shallow classifier heads trained on cached features, following the scikit-learn estimator contract.
+"""Shallow classifier heads trained on cached features: scikit-learn estimators.
 
+The heads derive from :class:`~sklearn.base.ClassifierMixin` and :class:`~sklearn.base.BaseEstimator`,
+so ``get_params``/``set_params``, ``clone``, ``Pipeline``, ``GridSearchCV`` and ``cross_val_score`` work
+and scikit-learn's estimator checks pass (see ``tests/test_heads.py`` for the few expected failures).
 ``__init__`` only stores its keyword arguments; ``fit(X, y)`` validates, trains and returns ``self``;
-fitted state ends in ``_`` (``classes_``, ``module_``); ``predict_proba`` on an unfitted head raises
-:class:`~headstart.errors.NotFittedError`. Heads save as safetensors (tensors) + JSON (settings):
-no pickle anywhere.
+fitted state ends in ``_`` (``classes_``, ``module_``, ``n_features_in_``); bad input raises
+:class:`~headstart.errors.UsageError` (a ``ValueError``) and predicting with an unfitted head
+raises :class:`~headstart.errors.NotFittedError` (also scikit-learn's ``NotFittedError``).
+Heads save as safetensors (tensors) + JSON (settings): no pickle anywhere.
 
 * :class:`LinearHead` -- multinomial logistic (softmax) regression, full-batch L-BFGS, L2 weight
   decay (default ``1/n``, scikit-learn's ``C=1``), optional class weights and standardisation.
@@ -22,6 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from .cache import atomic_write_bytes
@@ -38,6 +46,19 @@ class _Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.scale
+
+
+def _tensor(X: np.ndarray) -> torch.Tensor:
+    """``X`` as a tensor sharing its memory; a read-only array (e.g. a memory map) is copied first."""
+    return torch.from_numpy(X if X.flags.writeable else X.copy())
+
+
+def _usage_error(exc: ValueError) -> UsageError:
+    """scikit-learn's message for bad input, as a :class:`UsageError`, without its advice on NaN-aware models."""
+    message = str(exc)
+    if "does not accept missing values encoded as NaN" in message:
+        message = message.split("\n")[0] + " Remove or repair those rows first: heads do not accept missing values."
+    return UsageError(message)
 
 
 def _class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.ndarray) -> np.ndarray:
@@ -59,39 +80,42 @@ def _check_class_weight(class_weight: Any) -> None:
         raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
 
 
-class _Head:
-    """Shared fit/predict plumbing; subclasses build ``module_`` and train it."""
+class _Head(ClassifierMixin, BaseEstimator):
+    """Shared fit/predict plumbing; subclasses build ``module_`` and train it.
+
+    Parameters are the keyword arguments of the subclass's ``__init__``: :class:`~sklearn.base.BaseEstimator`
+    reads them from its signature for ``get_params``/``set_params``/``clone``.
+    """
 
     kind = ""
 
-    def get_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._param_names}
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "module_")
 
-    _param_names: tuple[str, ...] = ()
+    def _check_xy(self, X: Any, y: Any, **check_params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validate ``X`` (as float32) and ``y``, set ``classes_`` and ``n_features_in_``; returns X, encoded labels.
 
-    def _check_xy(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if X.ndim != 2:
-            raise UsageError(f"X must be a 2-D array (n_samples, n_features); got shape {X.shape}")
-        if len(X) != len(y):
-            raise UsageError(f"X has {len(X)} rows but y has {len(y)} labels")
-        if not np.isfinite(X).all():
-            raise UsageError("X holds NaN or infinite values; remove those rows first")
-        self.classes_, encoded = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise UsageError(f"need at least 2 classes in y to fit a classifier; got {list(self.classes_)}")
-        self.n_features_in_ = X.shape[1]
+        ``check_params`` go to :func:`~sklearn.utils.validation.validate_data` (by default ``X`` is 2-D).
+        """
+        try:
+            X, y = validate_data(self, X, y, dtype=np.float32, **check_params)
+            check_classification_targets(y)
+        except ValueError as exc:
+            raise _usage_error(exc) from exc
+        classes, encoded = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise UsageError(f"y holds {len(classes)} class ({classes.tolist()}); need at least 2 to fit a classifier")
+        self.classes_ = classes
         return X, encoded.astype(np.int64)
 
     def _check_views(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         """Validate ``X`` of shape ``(n_images, n_views, n_features)``; returns it and encoded labels."""
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 3 or X.shape[1] < 1:
-            raise UsageError(f"X must be a 3-D array (n_images, n_views, n_features); got shape {X.shape}")
-        flat, target = self._check_xy(X.reshape(len(X), -1), y)
+        shape = np.shape(X)
+        if len(shape) != 3 or shape[1] < 1 or shape[2] < 1:
+            raise UsageError(f"X must be a 3-D array (n_images, n_views, n_features); got shape {shape}")
+        X, target = self._check_xy(X, y, allow_nd=True)
         self.n_features_in_ = X.shape[2]
-        return flat.reshape(X.shape), target
+        return X, target
 
     def fit_views(self, X: Any, y: Any) -> _Head:
         """Fit on several views of each image (e.g. the clean view and K augmented views).
@@ -109,15 +133,31 @@ class _Head:
         return std
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "module_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, y) first")
+        try:
+            check_is_fitted(self, msg=f"this {type(self).__name__} is not fitted yet; call fit(X, y) first")
+        except SklearnNotFittedError as exc:
+            raise NotFittedError(str(exc)) from None
+
+    def _check_x(self, X: Any) -> np.ndarray:
+        """Validate ``X`` for prediction: fitted head, float32 ``(n, n_features_in_)``, all finite."""
+        self._check_fitted()
+        try:
+            return validate_data(self, X, dtype=np.float32, reset=False)
+        except ValueError as exc:
+            raise _usage_error(exc) from exc
+
+    def _logits(self, X: Any) -> torch.Tensor:
+        return self.logit_function()(_tensor(self._check_x(X)))
 
     def decision_function(self, X: Any) -> np.ndarray:
-        self._check_fitted()
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise UsageError(f"X must have shape (n, {self.n_features_in_}); got {X.shape}")
-        return self.logit_function()(torch.from_numpy(X)).numpy()
+        """Logits ``(n, n_classes)`` (float32), columns in the order of ``classes_``.
+
+        For 2 classes, scikit-learn's shape: the score of ``classes_[1]``, ``(n,)`` (the difference of
+        the two logits), so ``roc_auc`` scoring and scikit-learn's checks work. :meth:`logit_function`
+        always gives every column.
+        """
+        logits = self._logits(X).numpy()
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def logit_function(self) -> Any:
         """A function float32 tensor ``(m, n_features)`` -> logits ``(m, n_classes)``, for many calls.
@@ -145,14 +185,12 @@ class _Head:
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` in the order of ``classes_``."""
-        logits = self.decision_function(X)
-        return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        return torch.softmax(self._logits(X).double(), dim=1).numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
-
-    def score(self, X: Any, y: Any) -> float:
-        return float((self.predict(X) == np.asarray(y)).mean())
+        """The most probable class of each row, from ``classes_``."""
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ is looked up
+        return self.classes_[proba.argmax(1)]
 
     # ------------------------------------------------------------------------------ persistence
 
@@ -163,7 +201,7 @@ class _Head:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
         meta = {
             "type": self.kind,
-            "params": self.get_params(),
+            "params": self.get_params(deep=False),
             "classes": [c.item() if hasattr(c, "item") else c for c in self.classes_],
             "n_features_in": int(self.n_features_in_),
         }
@@ -185,6 +223,12 @@ class LinearHead(_Head):
             CNN features it scored about a point lower in 5-fold CV on ants/bees (0.967 vs 0.976).
         max_iter: L-BFGS iterations.
 
+    Attributes:
+        classes_: the labels seen in ``fit``, in sorted order (the columns of ``predict_proba``).
+        n_features_in_: the width of ``X``.
+        module_: the fitted ``torch`` module (standardisation, linear layer).
+        n_iter_: L-BFGS iterations run (at most ``max_iter``).
+
     Example:
         >>> head = LinearHead().fit(X_train, y_train)  # doctest: +SKIP
         >>> head.predict_proba(X_val).shape
@@ -192,7 +236,6 @@ class LinearHead(_Head):
     """
 
     kind = "linear"
-    _param_names = ("weight_decay", "class_weight", "standardize", "max_iter")
 
     def __init__(self, weight_decay: float | None = None, class_weight: Any = None, standardize: bool = False,
                  max_iter: int = 300) -> None:
@@ -237,7 +280,7 @@ class LinearHead(_Head):
         linear: nn.Linear = module[1]
         nn.init.zeros_(linear.weight)
         nn.init.zeros_(linear.bias)
-        xs = module[0](torch.from_numpy(X)).double()
+        xs = module[0](_tensor(X)).double()
         yt = torch.from_numpy(target)
         sw = torch.from_numpy(_class_weights(target, k, self.class_weight, self.classes_))[yt]
         weight = torch.zeros(X.shape[1], k, dtype=torch.float64, requires_grad=True)
@@ -253,6 +296,7 @@ class LinearHead(_Head):
             return loss
 
         optimizer.step(closure)
+        self.n_iter_ = int(optimizer.state_dict()["state"][0]["n_iter"])
         with torch.no_grad():
             linear.weight.copy_(weight.T.float())
             linear.bias.copy_(bias.float())
@@ -273,10 +317,14 @@ class MLPHead(_Head):
         batch_size: rows per step.
         class_weight: ``None``, ``"balanced"`` or a dict class -> weight.
         seed: initialisation and shuffling seed.
+
+    Attributes:
+        classes_: the labels seen in ``fit``, in sorted order (the columns of ``predict_proba``).
+        n_features_in_: the width of ``X``.
+        module_: the fitted ``torch`` module (standardisation, hidden layer, output layer).
     """
 
     kind = "mlp"
-    _param_names = ("hidden", "dropout", "weight_decay", "lr", "epochs", "batch_size", "class_weight", "seed")
 
     def __init__(self, hidden: int = 512, dropout: float = 0.3, weight_decay: float = 1e-2, lr: float = 1e-3,
                  epochs: int | None = None, batch_size: int = 64, class_weight: Any = None, seed: int = 0) -> None:
@@ -326,7 +374,7 @@ class MLPHead(_Head):
             torch.manual_seed(self.seed)
             module = self._build(X.shape[2], k)
         module[0] = self._standardizer(X.reshape(-1, X.shape[2]))
-        xt = torch.from_numpy(X)
+        xt = _tensor(X)
         yt = torch.from_numpy(target)
         cw = torch.from_numpy(_class_weights(target, k, self.class_weight, self.classes_)).float()
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
