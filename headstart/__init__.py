@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import TrainConfig, evaluate, extract, make_ensemble, predict, train
+from .api import TrainConfig, evaluate, extract, make_ensemble, predict, sweep, train
 from .backbones import Backbone, create_backbone, list_backbones
 from .cache import FeatureCache
 from .data import BadFile, ImageSet, decode_image, load_images
@@ -53,5 +53,6 @@ __all__ = [
     "make_ensemble",
     "make_head",
     "predict",
+    "sweep",
     "train",
 ]

@@ -32,6 +32,7 @@ from .inference import (
     run_probabilities,
 )
 from .metrics import classification_metrics
+from .sweep import sweep  # noqa: F401  (part of this API)
 from .training import TrainConfig, train  # noqa: F401  (part of this API)
 
 
@@ -128,8 +129,12 @@ def evaluate(
 
         curves = members_of(run)[0].metrics.get("history")
         ok_paths = [str(p) for p, ok in zip(images.paths, probs.ok) if ok]
+        members = members_of(run)
+        selections = [{"member": f"{m.backbone_name} ({m.path.name})" if len(members) > 1 else "",
+                       **m.metrics["selection"]} for m in members if "selection" in m.metrics]
         out["report"] = str(write_report(Path(report), evaluation=out, proba=probs.proba, y_true=y,
                                          class_names=names, image_paths=ok_paths, curves=curves, ablation=rows,
+                                         selection=selections,
                                          title=f"headstart evaluation of {Path(run_dir).name} on {Path(data).name}"))
     return out
 

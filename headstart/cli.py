@@ -36,6 +36,21 @@ def _add_common(p: argparse.ArgumentParser, *, backbone: bool = True) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr")
 
 
+def _add_grid(g: Any) -> None:
+    """The ``--grid-*`` flags that narrow the head selection (train and sweep)."""
+    g.add_argument("--grid-C", default=None, metavar="C1,C2,...",
+                   help="linear candidates' inverse L2 strength, as scikit-learn's C "
+                        "(default: 0.01,0.03,0.1,0.3,1,3,10)")
+    g.add_argument("--grid-source", default=None, metavar="S1,S2",
+                   help="feature sources: pooled, logits (the backbone's own ImageNet scores), pooled+logits "
+                        "(default: all three)")
+    g.add_argument("--grid-mlp", default=None, metavar="H1,H2",
+                   help="hidden widths of the mlp candidates, or 'none' (default: 64,256 from 500 training "
+                        "images up; named widths are always tried)")
+    g.add_argument("--grid-standardize", default=None, metavar="off,on",
+                   help="linear candidates with raw and/or standardised features (default: off,on)")
+
+
 def _add_tta(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", choices=["none", "flip", "5crop", "10crop", "multiscale"], default="none",
                    help="test-time views averaged per image: flip = centre + mirror; 10crop = centre and 4 corners "
@@ -76,19 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "save the run.")
     p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest (path,label)")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--head", choices=["linear", "mlp"], default="linear",
-                   help="linear = softmax regression (default); mlp = one hidden layer")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="L2 penalty of the head (default: 1/n for linear, 1e-2 for mlp)")
-    p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
-                   help="weight classes inversely to their frequency (default: none)")
-    p.add_argument("--hidden", type=int, default=None, help="mlp head: hidden width (default 512)")
+    g = p.add_argument_group("the head (chosen by cross-validation unless --select none)")
+    g.add_argument("--select", choices=["cv", "none"], default="cv",
+                   help="cv = try a grid of head settings on the cached features with k-fold CV, keep the best by "
+                        "log-loss and refit it on every training image (default); none = train one fixed head")
+    g.add_argument("--cv", type=int, default=None,
+                   help="folds of the selection (default 5; fewer when a class is smaller); with --select none, "
+                        "report K-fold CV accuracy of the fixed head (default: off)")
+    g.add_argument("--head", choices=["linear", "mlp"], default=None,
+                   help="linear = softmax regression, mlp = one hidden layer; default: both are candidates "
+                        "(linear with --select none)")
+    _add_grid(g)
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="with --select none: L2 penalty of the head (default: 1/n for linear, 1e-2 for mlp)")
+    g.add_argument("--class-weight", choices=["none", "balanced"], default="none",
+                   help="weight classes inversely to their frequency (default: none; with --select cv, balanced "
+                        "candidates are added by themselves when the largest class is 1.5x the smallest)")
+    g.add_argument("--hidden", type=int, default=None, help="with --select none: mlp hidden width (default 512)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of fine-tuning (default 8) or of the mlp head (default: enough for ~600 steps)")
-    p.add_argument("--val-split", type=float, default=0.2,
-                   help="fraction of each class held out for validation when DATA has no val/ folder "
-                        "(default: %(default)s; 0 = none)")
-    p.add_argument("--cv", type=int, default=0, help="also report k-fold cross-validated accuracy (default: off)")
+    p.add_argument("--val-split", type=float, default=0.0,
+                   help="fraction of each class held out and scored after training when DATA has no val/ folder; "
+                        "never used to select (default: 0 = train on everything)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and head (default: 0)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
@@ -204,6 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     _add_common(p, backbone=False)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="compare head settings x feature sources x augmented views x backbones by CV",
+                       description="Cross-validate the grid of head settings on every backbone's cached features, "
+                                   "with each count of augmented views; rank all settings on the same folds, write "
+                                   "OUT/sweep.json, sweep.csv and sweep.png, and save the best as the run OUT/best.")
+    p.add_argument("data", help="class-folder tree, train/+val/ tree (the sweep uses train/), or CSV manifest")
+    p.add_argument("--out", required=True, help="folder for sweep.json, sweep.csv, sweep.png and the best run best/")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", metavar="A,B,...",
+                   help="timm model names to compare, separated by commas (default: %(default)s)")
+    p.add_argument("--weights", default="default",
+                   help="'default' (packaged offline weights, else timm download), 'random', "
+                        "or a .safetensors/.pth file (default: %(default)s)")
+    p.add_argument("--aug-views", default="0", metavar="K1,K2,...",
+                   help="augmented views per training image to compare, e.g. 0,4,8; 0 = the clean view only "
+                        "(default: 0)")
+    p.add_argument("--augment", choices=["none", "light", "standard", "heavy"], default=None,
+                   help="augmentation preset of the augmented views (default: standard when a count is > 0)")
+    p.add_argument("--aug-param", action="append", default=[], metavar="STEP.PARAM=VALUE",
+                   help="override one augmentation hyperparameter, e.g. affine.degrees=20 (repeatable)")
+    g = p.add_argument_group("the head settings (as 'train')")
+    _add_grid(g)
+    g.add_argument("--cv", type=int, default=None, help="folds (default 5; fewer when a class is smaller)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, augmented views and heads (default: 0)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
+    p.add_argument("--top", type=int, default=20, help="leaderboard rows to print (default: 20; all are saved)")
+    p.add_argument("--json", action="store_true", help="print the sweep (leaderboard included) as JSON on stdout")
+    _add_common(p, backbone=False)
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -232,6 +285,37 @@ def parse_aug_params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _split_list(value: str, flag: str, convert: Any, allowed: Sequence[str] | None = None) -> list[Any]:
+    from .errors import UsageError
+
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        out = [convert(v) for v in items]
+    except (ValueError, KeyError):
+        out = []
+    if not out or (allowed is not None and not set(items) <= set(allowed)):
+        hint = f"any of {', '.join(allowed)}" if allowed else "values"
+        raise UsageError(f"{flag} must list {hint} separated by commas; got '{value}'")
+    return out
+
+
+def parse_grid(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """The ``--grid-*`` flags as :class:`~headstart.selection.Grid` options."""
+    grid: dict[str, list[Any]] = {}
+    if args.grid_C is not None:
+        grid["C"] = _split_list(args.grid_C, "--grid-C", float)
+    if args.grid_source is not None:
+        grid["source"] = _split_list(args.grid_source, "--grid-source", str, ["pooled", "logits", "pooled+logits"])
+    if args.grid_mlp is not None:
+        grid["mlp"] = [] if args.grid_mlp.strip() == "none" else _split_list(args.grid_mlp, "--grid-mlp", int)
+        if not grid["mlp"]:
+            grid["head"] = ["linear"]
+    if args.grid_standardize is not None:
+        grid["standardize"] = _split_list(args.grid_standardize, "--grid-standardize", {"off": False, "on": True}.get,
+                                          ["off", "on"])
+    return grid
+
+
 def _finetune_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name in ("lr", "lr_decay", "optimizer", "label_smoothing", "patience", "gradual"):
@@ -251,7 +335,8 @@ def _finetune_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import TrainConfig, train
 
-    config = TrainConfig(backbone=args.backbone, weights=args.weights, head=args.head, head_params=_head_params(args),
+    config = TrainConfig(backbone=args.backbone, weights=args.weights, select=args.select, head=args.head,
+                         head_params=_head_params(args), grid=parse_grid(args),
                          val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
                          batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
                          augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param),
@@ -270,6 +355,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             line += f"; validation accuracy {val['accuracy']:.4f} on {val['n_images']} images"
         if "cv" in run.metrics:
             line += f"; {run.metrics['cv']['folds']}-fold CV accuracy {run.metrics['cv']['accuracy']:.4f}"
+        if "selection" in run.metrics:
+            line += f" (chosen: {run.metrics['selection']['chosen']})"
         print(line)
     return EXIT_OK
 
@@ -460,6 +547,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print_json(summary)
     else:
         print(summary["text"])
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+    from .sweep import format_sweep, sweep
+
+    if args.top < 1:
+        raise UsageError(f"--top must be >= 1; got {args.top}")
+    views = _split_list(args.aug_views, "--aug-views", int)
+    result = sweep(args.data, args.out, backbone=args.backbone, aug_views=views, augment=args.augment,
+                   aug_params=parse_aug_params(args.aug_param), grid=parse_grid(args), cv=args.cv, seed=args.seed,
+                   weights=args.weights, cache_dir=args.cache_dir, precision=args.precision,
+                   batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    settings, timings, best_run = result["settings"], result["timings"], result["best_run"]
+    print(f"{result['n_settings']} settings, {settings['folds']}-fold CV on {settings['n_images']} images; "
+          "best first:")
+    print(format_sweep(result["leaderboard"], args.top))
+    features = ", ".join(f"{name} {t['seconds']:.1f}s" for name, t in timings["features"].items())
+    print(f"seconds: features {features}; selection {sum(timings['selection'].values()):.1f}; "
+          f"refit {timings['refit']:.1f}; total {timings['total']:.1f}")
+    print(f"best: {result['best']['setting']}; run refitted on {best_run['n_train']} images saved to "
+          f"{best_run['path']}")
+    if "note" in best_run:
+        print(f"headstart sweep: warning: {best_run['note']}", file=sys.stderr)
+    print(f"wrote {', '.join(result['files'][k] for k in ('json', 'csv', 'png'))}")
     return EXIT_OK
 
 

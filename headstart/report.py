@@ -312,6 +312,23 @@ def _ablation(rows: Sequence[dict[str, Any]]) -> str:
     return _table(header, [[row.get(k) for k in header] for row in rows])
 
 
+def _selection(selections: Sequence[dict[str, Any]], top: int = 15) -> str:
+    """The chosen head setting of each model and its cross-validation leaderboard."""
+    parts = []
+    for sel in selections:
+        rows = [[i, r["setting"] + (" ~" if r.get("ties_best") else ""), r["cv_accuracy"], r["cv_std"],
+                 r["cv_log_loss"], r.get("folds_done"), r.get("seconds")]
+                for i, r in enumerate(sel.get("leaderboard", [])[:top], 1)]
+        who = f"{sel['member']}: " if sel.get("member") else ""
+        parts.append(f"<p>{_e(who)}chosen <b>{_e(sel.get('chosen'))}</b> among {_e(sel.get('n_candidates'))} "
+                     f"settings by {_e(sel.get('folds'))}-fold cross-validation on the training images, then "
+                     "refitted on all of them.</p>"
+                     + _table(["rank", "setting", "CV accuracy", "+-", "CV log-loss", "folds", "seconds"], rows))
+    return ("".join(parts) + "<p>~ log-loss within one standard error of the lowest; the most accurate of these "
+            "is chosen. The CV figures are the selection's own (slightly optimistic); this page's accuracy "
+            "is measured on the evaluated data.</p>")
+
+
 def write_report(
     path: str | os.PathLike[str],
     *,
@@ -323,6 +340,7 @@ def write_report(
     title: str = "headstart evaluation",
     curves: list[dict[str, Any]] | None = None,
     ablation: list[dict[str, Any]] | None = None,
+    selection: list[dict[str, Any]] | None = None,
     top_k: int = 5,
     n_mistakes: int = 24,
 ) -> Path:
@@ -339,6 +357,8 @@ def write_report(
         title: page title.
         curves: per-epoch dicts such as ``{"epoch": 1, "train_loss": 0.4, "val_accuracy": 0.9}``.
         ablation: rows such as ``{"setting": "+TTA", "accuracy": 0.97, "ms_per_image": 12.3}``.
+        selection: per model, the run's head selection (``run.metrics["selection"]``, plus an optional
+            ``"member"`` name): the chosen setting and the leaderboard.
         top_k: ``k`` of the top-k accuracy shown.
         n_mistakes: how many of the most confident wrong predictions the gallery shows.
 
@@ -380,6 +400,8 @@ def write_report(
     if curves:
         parts.append(_section("curves", "Training curves", _img(_curves_plot(curves), "training curves")))
     parts.append(_section("mistakes", "Most confident mistakes", _mistakes(proba, y, names, image_paths, n_mistakes)))
+    if selection:
+        parts.append(_section("selection", "Head selection", _selection(selection)))
     if ablation:
         parts.append(_section("ablation", "Ablation", _ablation(ablation)))
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

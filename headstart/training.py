@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from . import __version__
 from .augmented import DEFAULT_AUG_VIEWS, build_training_pipeline
@@ -38,6 +37,8 @@ from .inference import (
 from .metrics import classification_metrics
 from .preprocess import preprocessing_signature
 from .runs import Run, write_run
+from .selection import DEFAULT_FOLDS, Grid, Selection
+from .sources import Classifier
 from .stages import stage_plan
 
 
@@ -47,10 +48,12 @@ class TrainConfig:
 
     backbone: str = DEFAULT_BACKBONE  # timm model name
     weights: str = "default"  # "default" (packaged or timm download), "random", or a file path
-    head: str = "linear"  # "linear" (softmax regression) or "mlp"
-    head_params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the head class
-    val_split: float = 0.2  # fraction held out per class when the data has no val/ folder
-    cv: int = 0  # k-fold cross-validation on the training images before the final fit (0 = off)
+    select: str = "cv"  # "cv": choose the head by k-fold CV over a grid, refit on all; "none": one fixed head
+    head: str | None = None  # "linear" or "mlp"; None = both (select cv) or linear (select none)
+    head_params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the head (select none)
+    grid: dict[str, Any] = field(default_factory=dict)  # narrow the selection grid, e.g. {"C": [0.1, 1]}
+    val_split: float = 0.0  # fraction held out per class when the data has no val/ folder (scored, never selects)
+    cv: int | None = None  # folds: of the selection (None = 5), or with select none a CV report (None = off)
     seed: int = 0  # seed of the split, the folds and the head
     precision: str = "auto"  # backbone arithmetic: auto, fp32, bf16, fp16
     batch_size: int = 32  # images per backbone forward
@@ -76,20 +79,20 @@ def _open_cache(cache_dir: str | os.PathLike[str] | None) -> FeatureCache:
 
 
 def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray, bar: Any = None) -> dict[str, Any]:
-    smallest = int(np.bincount(y).min())
-    if config.cv < 2 or smallest < config.cv:
-        raise UsageError(f"--cv {config.cv} needs >= 2 folds and at least {config.cv} usable images in every "
-                         f"class (the smallest class has {smallest}); lower --cv")
-    from sklearn.model_selection import StratifiedKFold
+    """k-fold CV accuracy of the one fixed head of ``--select none --cv K`` (folds as the selection's)."""
+    from .selection import fold_count, make_folds
 
-    folds = StratifiedKFold(config.cv, shuffle=True, random_state=config.seed).split(x[:, 0], y)
+    folds, _ = fold_count(y, config.cv or 0)
+    if folds != config.cv:
+        raise UsageError(f"--cv {config.cv} needs at least {config.cv} usable images in every class (the smallest "
+                         f"class has {int(np.bincount(y).min())}); lower --cv")
     scores = []
-    for train_idx, test_idx in folds:  # x: (n, views, d); view 0 is the clean one
-        head = make_head(config.head, **config.head_params).fit_views(x[train_idx], y[train_idx])
+    for train_idx, test_idx in make_folds(y, None, folds, config.seed):  # x: (n, views, d); view 0 is clean
+        head = make_head(config.head or "linear", **config.head_params).fit_views(x[train_idx], y[train_idx])
         scores.append(head.score(x[test_idx, 0], y[test_idx]))
         if bar is not None:
             bar.update(1)
-    return {"folds": config.cv, "accuracy": float(np.mean(scores)), "std": float(np.std(scores)),
+    return {"folds": folds, "accuracy": float(np.mean(scores)), "std": float(np.std(scores)),
             "fold_accuracy": [float(s) for s in scores]}
 
 
@@ -185,13 +188,17 @@ def train(
                         f"bad file(s), e.g. {examples}")
     metrics: dict[str, Any] = {"n_train": len(y_train)}
     head_start = time.perf_counter()
-    with tqdm(total=config.cv + 1, desc=f"{config.head} head", unit="fit", file=sys.stderr,
-              disable=not progress, leave=False) as bar:
-        if config.cv:
-            metrics["cv"] = _cross_validate(config, x_train, y_train, bar)
-        head = make_head(config.head, **config.head_params).fit_views(x_train, np.asarray(names)[y_train])
-        bar.update(1)
-    if config.cv:
+    with _open_cache(config.cache_dir) as cache:
+        keys, _ = cache.image_keys([p for p, ok in zip(train_set.paths, result.ok) if ok])
+        groups = [k if k is not None else f"unreadable:{i}" for i, k in enumerate(keys)]  # duplicates share a fold
+        head, selection = _fit_head(config, x_train, y_train, names, groups, bb, cache, progress)
+    if selection is not None:
+        metrics["selection"] = selection.summary()
+        metrics["cv"] = {"folds": selection.folds, "accuracy": metrics["selection"]["cv_accuracy"],
+                         "std": metrics["selection"]["cv_std"], "log_loss": metrics["selection"]["cv_log_loss"],
+                         "fold_accuracy": selection.fold_accuracy, "selected_among": len(selection.leaderboard)}
+    elif config.cv:
+        metrics["cv"] = _cross_validate(config, x_train, y_train)
         _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
                        f"(+/- {metrics['cv']['std']:.4f})")
     metrics["head_seconds"] = round(time.perf_counter() - head_start, 3)
@@ -216,6 +223,10 @@ def train(
         "config": asdict(config),
         "augmentation": None if pipeline is None else {"pipeline": pipeline.config(), "views": config.aug_views,
                                                        "seed": config.seed},
+        "head": {"selected": selection is not None,
+                 "setting": selection.best.name if selection else f"{config.head or 'linear'} (fixed)",
+                 "candidate": asdict(selection.best) if selection else None,
+                 "feature_source": selection.best.source if selection else "pooled"},
         "data": {"source": str(data), "layout": loaded.layout, "val_from": val_from,
                  "n_train": len(y_train), "n_val": int(metrics.get("val", {}).get("n_images", 0)),
                  "class_counts": train_set.class_counts(), "n_bad_files": len(bad)},
@@ -223,6 +234,46 @@ def train(
     path = write_run(Path(out), info, head, metrics, bad)
     _log(progress, f"saved run to {path}")
     return Run.load(path)
+
+
+def _fit_head(config: TrainConfig, x: np.ndarray, y: np.ndarray, names: list[str], groups: list[str],
+              bb: Backbone, cache: FeatureCache, progress: bool) -> tuple[Any, Selection | None]:
+    """The final head on all training images: chosen by CV over the grid, or the one fixed head."""
+    labels = np.asarray(names)[y]
+    if config.select == "none":
+        return make_head(config.head or "linear", **config.head_params).fit_views(x, labels), None
+    from .selection import fit_candidate, format_leaderboard, select_head
+
+    if int(np.bincount(y).min()) < 2:
+        _log(progress, "note: a class has a single usable image, too few to cross-validate; training the "
+                       "default linear head without selection")
+        return make_head("linear").fit_views(x, labels), None
+    grid, classifier = _selection_grid(config, bb, cache, progress)
+    selection = select_head(x, y, grid=grid, folds=config.cv or DEFAULT_FOLDS, groups=groups, seed=config.seed,
+                            classifier=classifier, progress=progress)
+    for note in selection.notes:
+        _log(progress, f"note: {note}")
+    _log(progress, f"selection: {len(selection.leaderboard)} head settings, {selection.folds}-fold CV "
+                   f"({selection.seconds:.1f}s); best first:\n" + format_leaderboard(selection.leaderboard, 5))
+    _log(progress, f"chosen: {selection.best.name}; refitting it on all {len(y)} training images")
+    head = fit_candidate(selection.best, x, labels, classifier=classifier, seed=config.seed)
+    return head, selection
+
+
+def _selection_grid(config: TrainConfig, bb: Backbone, cache: FeatureCache,
+                    progress: bool) -> tuple[Grid, Classifier | None]:
+    """The grid of ``config`` (``--grid-*``, narrowed by ``--head`` and ``--class-weight``) and the classifier."""
+    from .selection import grid_with_classifier
+
+    options = dict(config.grid)
+    if config.head is not None:
+        options.setdefault("head", [config.head])
+    if config.head_params.get("class_weight") == "balanced":
+        options.setdefault("class_weight", ["balanced"])
+    grid, classifier, note = grid_with_classifier(options, bb, config.weights, memo=cache)
+    if note:
+        _log(progress, f"note: {note}")
+    return grid, classifier
 
 
 def _train_ensemble(config: TrainConfig, data: Any, out: Path, progress: bool) -> EnsembleRun:
@@ -246,9 +297,10 @@ def _train_ensemble(config: TrainConfig, data: Any, out: Path, progress: bool) -
         _log(progress, f"ensemble member {i + 1}/{len(plan)}: {name}"
                        + (f", bootstrap sample {m + 1}" if config.ensemble > 1 else ""))
         params = dict(config.head_params)
-        if config.head == "mlp":
+        if config.head == "mlp" and config.select == "none":
             params["seed"] = config.seed * 1000 + m
-        member_cfg = replace(config, backbone=name, ensemble=1, head_params=params, cv=0,
+        member_cfg = replace(config, backbone=name, ensemble=1, head_params=params,
+                             cv=config.cv if config.select == "cv" else 0,
                              bootstrap=config.seed * 1000 + m if config.ensemble > 1 else None)
         train(data, scratch / str(i), member_cfg, progress=progress)
         member_dirs.append(scratch / str(i))
@@ -388,9 +440,16 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
     from .heads import HEAD_TYPES
     from .runs import check_out_folder
 
-    if config.head not in HEAD_TYPES:
+    if config.select not in ("cv", "none"):
+        raise UsageError(f"select must be 'cv' (choose the head by cross-validation) or 'none' (one fixed head); "
+                         f"got '{config.select}'")
+    if config.head is not None and config.head not in HEAD_TYPES:
         raise UsageError(f"head must be one of {', '.join(HEAD_TYPES)}; got '{config.head}'")
-    make_head(config.head, **config.head_params).validate_params()
+    make_head(config.head or "linear", **config.head_params).validate_params()
+    if config.select == "cv":
+        _check_selection_options(config)
+    elif config.grid:
+        raise UsageError(f"grid options {sorted(config.grid)} need --select cv; drop them or --select none")
     if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
         raise UsageError(f"batch_size must be a positive integer; got {config.batch_size!r}")
     if config.num_workers is not None and not (isinstance(config.num_workers, int) and config.num_workers >= 0):
@@ -418,20 +477,39 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
         FinetuneConfig(**config.finetune).validate()
         if config.cv:
             raise UsageError("--cv works with --freeze all (head only); fine-tuning reports validation accuracy")
+        if config.grid:
+            raise UsageError("--grid-* options choose a head on frozen features; they do not apply to fine-tuning")
     if not (isinstance(config.ensemble, int) and config.ensemble >= 1):
         raise UsageError(f"ensemble must be a positive integer (members per backbone); got {config.ensemble!r}")
     if not (isinstance(config.seed, int) and config.seed >= 0):
         raise UsageError(f"seed must be an integer >= 0; got {config.seed!r}")
-    if config.cv and ("," in config.backbone or config.ensemble > 1):
+    if config.select == "none" and config.cv and ("," in config.backbone or config.ensemble > 1):
         raise UsageError("--cv reports one model's cross-validated accuracy; drop it for ensembles "
                          "(they report validation accuracy)")
     if "," in config.backbone:
         for name in (b.strip() for b in config.backbone.split(",")):
             if name:
                 check_backbone_name(name)
-    if config.cv < 0 or config.cv == 1:
-        raise UsageError(f"cv must be 0 (off) or at least 2 folds; got {config.cv}")
+    if config.cv is not None and not (isinstance(config.cv, int) and (config.cv == 0 or config.cv >= 2)):
+        raise UsageError(f"cv must be at least 2 folds (or 0 = off with --select none); got {config.cv!r}")
+    if config.select == "cv" and config.cv == 0:
+        raise UsageError("--cv 0 turns cross-validation off, which the selection needs; use --select none "
+                         "to train one fixed head")
     check_out_folder(out)
+
+
+def _check_selection_options(config: TrainConfig) -> None:
+    """With ``select='cv'`` the grid sets the head's parameters; a fixed one is a contradiction."""
+    fixed = sorted(set(config.head_params) - {"class_weight", "seed"})
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise UsageError(f"{flags} fix(es) the head, but the head is chosen by cross-validation (--select cv); "
+                         "use --select none to train exactly that head, or narrow the search with --grid-C / "
+                         "--grid-mlp")
+    options = dict(config.grid)
+    if config.head is not None:
+        options.setdefault("head", [config.head])
+    Grid.from_options(options)
 
 
 def _split(loaded: LoadedData, config: TrainConfig, cache: FeatureCache,

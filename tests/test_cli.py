@@ -96,7 +96,8 @@ def test_train_with_other_head_settings_reuses_features(tree, tmp_path, cli):
     base = ["train", tree, "--cache-dir", tmp_path / "c", "--workers", "0", "-q", "--json"]
     code, out, _ = cli(*base, "--out", tmp_path / "r1")
     assert code == 0 and json.loads(out)["features"]["n_computed"] == 12
-    code, out, _ = cli(*base, "--out", tmp_path / "r2", "--head", "mlp", "--hidden", "16", "--epochs", "3")
+    code, out, _ = cli(*base, "--out", tmp_path / "r2", "--select", "none", "--head", "mlp", "--hidden", "16",
+                       "--epochs", "3")
     assert code == 0 and json.loads(out)["features"]["n_computed"] == 0
 
 
@@ -124,6 +125,10 @@ def test_backbones_command(cli):
     (["train", "{tree}", "--out", "{tmp}/r", "--weight-decay", "-1"], 2, "weight_decay"),
     (["evaluate", "{tmp}/no-run", "{tree}", "--workers", "-1"], 1, "does not exist"),
     (["train", "{tree}", "--out", "{tmp}/r", "--head", "forest"], 2, "invalid choice"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--weight-decay", "0.1"], 2, "--select none"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--grid-C", "0,1"], 2, "C must list numbers > 0"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--grid-mlp", "x"], 2, "--grid-mlp"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--select", "none", "--grid-C", "1"], 2, "need --select cv"),
     (["train", "{tree}"], 2, "--out"),
     (["evaluate", "{tmp}/no-run", "{tree}"], 1, "does not exist"),
     (["predict", "{tmp}/no-run", "{tree}"], 1, "does not exist"),

@@ -1,0 +1,485 @@
+"""Choose the head by cross-validation on cached features, then refit the winner on every image.
+
+Once the frozen network's features are cached, another head setting costs a fraction of a second,
+so :func:`select_head` tries a grid of them (:class:`Grid`) on the same stratified folds (duplicate
+files share a fold), ranks them by out-of-fold log-loss (accuracy decides among the settings whose
+log-loss is within one standard error of the lowest) and returns the
+leaderboard; :func:`fit_candidate` trains the chosen setting on all training images.
+
+Linear candidates of one feature source / standardisation / class weighting are solved together:
+all folds in one batched L-BFGS, warm-started along the ``C`` path from strong to weak
+regularisation. When a fold has fewer training rows than features, the problem is solved exactly in
+the span of its rows (an L2-penalised solution lies there), which shrinks 1280 features to the
+number of images. MLP candidates train fold by fold and are dropped early (raced) when they trail
+the best linear candidate on the folds seen so far by a wide margin; the leaderboard says so.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .heads import LinearHead, MLPHead
+from .sources import SOURCES, Classifier, check_source, fold_into_pooled, source_features
+
+DEFAULT_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # scikit-learn's C: weight decay 1/(C n)
+DEFAULT_MLP_WIDTHS = (64, 256)
+DEFAULT_FOLDS = 5
+MLP_MIN_IMAGES = 500  # an MLP needs data to beat a linear head; below this it is not tried unless asked for
+IMBALANCE_RATIO = 1.5  # largest/smallest class above this adds class_weight="balanced" candidates
+RACE_MARGIN = (0.01, 1.1)  # an MLP is dropped when its log-loss > 0.01 + 1.1 x the best linear's so far
+_EPS = 1e-15
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One head setting: head type, feature source and the head's own parameters."""
+
+    head: str = "linear"  # linear | mlp
+    source: str = "pooled"  # pooled | logits | pooled+logits
+    C: float | None = None  # linear: inverse L2 strength as in scikit-learn (weight decay 1/(C n))
+    standardize: bool = False  # linear: scale features first (the MLP always does)
+    hidden: int | None = None  # mlp: hidden width
+    class_weight: str | None = None  # None or "balanced"
+    epochs: int | None = None  # mlp: passes over the data (None: MLPHead's default, ~600 steps)
+
+    @property
+    def name(self) -> str:
+        parts = [self.head]
+        if self.head == "linear":
+            parts += [f"C={self.C:g}"] + (["std"] if self.standardize else [])
+        else:
+            parts.append(f"hidden={self.hidden}" + (f" epochs={self.epochs}" if self.epochs else ""))
+        parts.append(self.source)
+        if self.class_weight:
+            parts.append(self.class_weight)
+        return " ".join(parts)
+
+    def build(self, n_images: int, seed: int = 0) -> LinearHead | MLPHead:
+        """An unfitted head for ``n_images`` training images (the weight decay scales with them)."""
+        if self.head == "linear":
+            assert self.C is not None
+            return LinearHead(weight_decay=1.0 / (self.C * n_images), class_weight=self.class_weight,
+                              standardize=self.standardize)
+        assert self.hidden is not None
+        return MLPHead(hidden=self.hidden, class_weight=self.class_weight, epochs=self.epochs, seed=seed)
+
+
+@dataclass
+class Grid:
+    """The candidates tried; each dimension can be narrowed (CLI: ``--grid-*``)."""
+
+    head: tuple[str, ...] = ("linear", "mlp")
+    C: tuple[float, ...] = DEFAULT_CS
+    standardize: tuple[bool, ...] = (False, True)
+    source: tuple[str, ...] = SOURCES
+    mlp: tuple[int, ...] = DEFAULT_MLP_WIDTHS
+    mlp_source: tuple[str, ...] = ("pooled",)  # MLPs cost seconds per fit: pooled features only, by default
+    mlp_min_images: int = MLP_MIN_IMAGES  # fewer training images: no MLP candidates (noted)
+    mlp_epochs: int | None = None  # None: MLPHead's default (about 600 optimiser steps)
+    class_weight: tuple[str | None, ...] | None = None  # None: add "balanced" when classes are imbalanced
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> Grid:
+        """A grid from ``{"C": [...], "source": [...], ...}``; unknown keys or bad values raise UsageError."""
+        options = dict(options or {})
+        if options.get("mlp") and "mlp_min_images" not in options:
+            options["mlp_min_images"] = 0  # widths asked for by name are tried whatever the data size
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UsageError(f"unknown grid option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        grid = cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()})
+        grid.validate()
+        return grid
+
+    def validate(self) -> None:
+        for name in ("head", "C", "standardize", "source", "mlp", "mlp_source"):
+            if not isinstance(getattr(self, name), tuple):
+                raise UsageError(f"grid '{name}' must be a list; got {getattr(self, name)!r}")
+        if not self.head or set(self.head) - {"linear", "mlp"}:
+            raise UsageError(f"grid head must list 'linear' and/or 'mlp'; got {list(self.head)}")
+        if "linear" in self.head and (not self.C or not all(isinstance(c, (int, float)) and c > 0 for c in self.C)):
+            raise UsageError(f"grid C must list numbers > 0 (scikit-learn's C); got {list(self.C)}")
+        if "mlp" in self.head and not all(isinstance(h, int) and h > 0 for h in self.mlp):
+            raise UsageError(f"grid mlp must list hidden widths (positive integers); got {list(self.mlp)}")
+        if self.mlp_epochs is not None and not (isinstance(self.mlp_epochs, int) and self.mlp_epochs > 0):
+            raise UsageError(f"grid mlp_epochs must be a positive integer or None; got {self.mlp_epochs!r}")
+        if not self.standardize or not all(isinstance(s, bool) for s in self.standardize):
+            raise UsageError(f"grid standardize must list true/false; got {list(self.standardize)}")
+        if not self.source:
+            raise UsageError("grid source must list at least one of " + ", ".join(SOURCES))
+        for s in self.source + self.mlp_source:
+            check_source(s)
+        if self.class_weight is not None and (
+                not self.class_weight or set(self.class_weight) - {None, "balanced"}):
+            raise UsageError(f"grid class_weight must list none and/or balanced; got {list(self.class_weight)}")
+
+    def needs_classifier(self) -> bool:
+        sources = self.source + (self.mlp_source if "mlp" in self.head and self.mlp else ())
+        return any(s != "pooled" for s in sources)
+
+    def candidates(self, counts: Sequence[int]) -> list[Candidate]:
+        """Every setting of the grid for classes with ``counts`` images."""
+        weights: tuple[str | None, ...] = self.class_weight or (
+            (None, "balanced") if max(counts) > IMBALANCE_RATIO * max(1, min(counts)) else (None,))
+        out = []
+        for source in self.source:
+            for cw in weights:
+                if "linear" in self.head:
+                    out += [Candidate("linear", source, C=float(c), standardize=s, class_weight=cw)
+                            for s in self.standardize for c in sorted(self.C)]
+        if "mlp" in self.head:
+            out += [Candidate("mlp", source, hidden=h, class_weight=cw, epochs=self.mlp_epochs)
+                    for source in self.mlp_source for cw in weights for h in self.mlp]
+        return out
+
+
+@dataclass
+class Selection:
+    """What :func:`select_head` found: the leaderboard (best first), the winner and its out-of-fold scores."""
+
+    leaderboard: list[dict[str, Any]]
+    best: Candidate
+    folds: int
+    oof_proba: np.ndarray  # (n_images, n_classes): the winner's out-of-fold probabilities
+    fold_accuracy: list[float]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, top: int | None = None) -> dict[str, Any]:
+        best = self.leaderboard[0]
+        return {"folds": self.folds, "chosen": self.best.name, "candidate": asdict(self.best),
+                "cv_accuracy": best["cv_accuracy"], "cv_std": best["cv_std"], "cv_log_loss": best["cv_log_loss"],
+                "n_candidates": len(self.leaderboard), "seconds": round(self.seconds, 3), "notes": self.notes,
+                "leaderboard": self.leaderboard[:top] if top else self.leaderboard}
+
+
+def grid_with_classifier(options: dict[str, Any], backbone: Any, weights: str,
+                         memo: Any = None) -> tuple[Grid, Classifier | None, str | None]:
+    """The grid of ``options`` and, when it uses the logits sources, the backbone's own classifier.
+
+    The default sources fall back to ``pooled`` (with a note, the third item) for a backbone that has
+    no classifier (``--weights random``, headless models); a grid that names the sources explicitly
+    raises :class:`UsageError` instead.
+    """
+    from .sources import backbone_classifier
+
+    grid = Grid.from_options(options)
+    if not grid.needs_classifier():
+        return grid, None, None
+    try:
+        return grid, backbone_classifier(backbone, weights, memo=memo), None
+    except UsageError as exc:
+        if "source" in options:
+            raise
+        return Grid.from_options({**options, "source": ["pooled"]}), None, f"{exc}; selecting on pooled features only"
+
+
+# ------------------------------------------------------------------------------------------ folds
+
+
+def make_folds(y: np.ndarray, groups: Sequence[Any] | None, folds: int, seed: int) -> list[tuple[np.ndarray, ...]]:
+    """Stratified folds in which members of one group (identical files) stay together."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = np.arange(len(y)) if groups is None else np.asarray([str(g) for g in groups])
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    return [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+def fold_count(y: np.ndarray, folds: int) -> tuple[int, str | None]:
+    """The folds that the smallest class allows (at least 2), and a note when fewer than asked."""
+    smallest = int(np.bincount(y).min())
+    if smallest < 2:
+        raise UsageError(f"selection by cross-validation needs at least 2 images in every class (the smallest has "
+                         f"{smallest}); add images or use --select none")
+    if smallest >= folds:
+        return folds, None
+    return smallest, f"the smallest class has {smallest} images, so {smallest}-fold CV instead of {folds}-fold"
+
+
+# ---------------------------------------------------------------------------------- linear paths
+
+
+def _fold_designs(feats: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, ...]], standardize: bool,
+                  class_weight: str | None, k: int) -> dict[str, Any]:
+    """Per fold: training rows (every view) and held-out clean rows in the principal axes of the training rows.
+
+    An exact change of variables: rows are centred (the intercept absorbs the mean) and rotated onto
+    the right singular vectors of the centred training rows, keeping the non-zero ones. The L2
+    penalty is unchanged by the rotation, and the L2-penalised solution lies in that span, so the
+    problem has at most ``n_rows`` features instead of ``dim``. ``col_sq`` (the weighted squared
+    column norms) lets the solver precondition each axis by its curvature.
+    """
+    n_views, dim = feats.shape[1], feats.shape[2]
+    train_rows, held, weights = [], [], []
+    for tr, te in folds:
+        rows = feats[tr].reshape(-1, dim).astype(np.float64)
+        out = feats[te, 0].astype(np.float64)
+        if standardize:  # as LinearHead: statistics of the training rows, in float32
+            f32 = feats[tr].reshape(-1, dim)
+            mean, scale = f32.mean(0).astype(np.float64), np.maximum(f32.std(0), 1e-6).astype(np.float64)
+            rows, out = (rows - mean) / scale, (out - mean) / scale
+        centre = rows.mean(0)
+        rows, out = rows - centre, out - centre
+        if len(rows) < dim:
+            _, s, vt = np.linalg.svd(rows, full_matrices=False)
+            axes = vt[s > s[0] * 1e-10].T
+        else:
+            eigval, eigvec = np.linalg.eigh(rows.T @ rows)
+            axes = eigvec[:, eigval > eigval.max() * 1e-20]
+        train_rows.append(rows @ axes)
+        held.append(out @ axes)
+        target = np.repeat(y[tr], n_views)
+        counts = np.bincount(target, minlength=k).astype(np.float64)
+        cw = len(target) / (k * np.maximum(counts, 1)) if class_weight == "balanced" else np.ones(k)
+        weights.append(cw[target])
+    n_f = len(folds)
+    m = max(len(r) for r in train_rows)
+    r = max(t.shape[1] for t in train_rows)
+    design = torch.zeros(n_f, m, r, dtype=torch.float64)
+    labels = torch.zeros(n_f, m, dtype=torch.int64)
+    sw = torch.zeros(n_f, m, dtype=torch.float64)
+    for f, (tr, _) in enumerate(folds):
+        rows = train_rows[f]
+        design[f, :len(rows), :rows.shape[1]] = torch.from_numpy(rows)
+        labels[f, :len(rows)] = torch.from_numpy(np.repeat(y[tr], n_views))
+        sw[f, :len(rows)] = torch.from_numpy(weights[f])
+    sw = sw / sw.sum(1, keepdim=True)
+    held_t = [torch.from_numpy(np.pad(h, ((0, 0), (0, r - h.shape[1])))) for h in held]
+    return {"design": design, "labels": labels, "sw": sw, "held": held_t,
+            "col_sq": torch.einsum("fm,fmr->fr", sw, design**2),
+            "n_images": torch.tensor([len(tr) for tr, _ in folds], dtype=torch.float64)}
+
+
+def _linear_path(d: dict[str, Any], cs: Sequence[float], k: int) -> list[list[np.ndarray]]:
+    """Held-out probabilities ``[c][fold]`` along the C path, every fold in one L-BFGS, warm-started.
+
+    Each axis is scaled by ``1 / sqrt(curvature)`` (an upper bound of the softmax loss' curvature,
+    1/4 of the weighted squared column norm, plus the weight decay), so L-BFGS sees a well-conditioned
+    problem whatever the spread of the feature scales. The objective and its gradient are written
+    out in numpy and minimised by SciPy's L-BFGS-B: on these small problems the per-evaluation cost
+    of autograd and of torch's Python L-BFGS was 20-40x the arithmetic.
+    """
+    from scipy.optimize import minimize
+
+    design, labels, sw = (d[key].numpy() for key in ("design", "labels", "sw"))
+    n_f, m, r = design.shape
+    onehot = np.zeros((n_f, m, k))
+    np.put_along_axis(onehot, labels[..., None], 1.0, axis=2)
+    weight, bias = np.zeros((n_f, r, k)), np.zeros((n_f, 1, k))
+    design_t = np.ascontiguousarray(design.transpose(0, 2, 1))
+    out = []
+    for c in cs:
+        decay = (1.0 / (c * d["n_images"].numpy()))[:, None, None]
+        scale = 1.0 / np.sqrt(0.25 * d["col_sq"].numpy()[:, :, None] + decay)  # (F, r, 1)
+
+        def objective(theta: np.ndarray, scale: np.ndarray = scale,
+                      decay: np.ndarray = decay) -> tuple[float, np.ndarray]:
+            w = theta[:n_f * r * k].reshape(n_f, r, k) * scale
+            logits = design @ w + theta[n_f * r * k:].reshape(n_f, 1, k)
+            logits -= logits.max(2, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(2, keepdims=True))
+            g = (np.exp(logp) - onehot) * sw[..., None]  # d loss / d logits
+            value = -float(((logp * onehot).sum(2) * sw).sum()) + 0.5 * float((decay * w**2).sum())
+            grad_w = (design_t @ g + decay * w) * scale
+            return value, np.concatenate([grad_w.ravel(), g.sum(1).ravel()])
+
+        theta0 = np.concatenate([(weight / scale).ravel(), bias.ravel()])
+        res = minimize(objective, theta0, jac=True, method="L-BFGS-B",
+                       options={"maxiter": 1000, "gtol": 1e-6, "ftol": 1e-10, "maxcor": 10})
+        weight = res.x[:n_f * r * k].reshape(n_f, r, k) * scale
+        bias = res.x[n_f * r * k:].reshape(n_f, 1, k)
+        probas = []
+        for f, h in enumerate(d["held"]):
+            logits = h.numpy() @ weight[f] + bias[f]
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            probas.append(e / e.sum(1, keepdims=True))
+        out.append(probas)
+    return out
+
+
+# -------------------------------------------------------------------------------------- scoring
+
+
+def _score(proba_by_fold: Sequence[np.ndarray], folds: list[tuple[np.ndarray, ...]], y: np.ndarray,
+           k: int) -> dict[str, Any]:
+    n = sum(len(te) for _, te in folds)
+    oof = np.zeros((len(y), k))
+    for p, (_, te) in zip(proba_by_fold, folds):
+        oof[te] = p
+    seen = np.concatenate([te for _, te in folds[:len(proba_by_fold)]])
+    p_true = np.clip(oof[seen, y[seen]], _EPS, 1.0)
+    accs = [float((p.argmax(1) == y[te]).mean()) for p, (_, te) in zip(proba_by_fold, folds)]
+    return {"cv_log_loss": float(-np.log(p_true).mean()), "cv_accuracy": float((oof[seen].argmax(1) == y[seen]).mean()),
+            "cv_std": float(np.std(accs)), "fold_accuracy": accs, "folds_done": len(proba_by_fold),
+            "complete": len(seen) == n, "oof": oof}
+
+
+def _rank_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (not row["complete"], round(row["cv_log_loss"], 4), -row["cv_accuracy"], row.get("order", 0))
+
+
+def _rank(rows: list[dict[str, Any]], y: np.ndarray) -> list[dict[str, Any]]:
+    """Rows best first: the lowest log-loss, unless others tie with it, then the most accurate of the ties.
+
+    A tie is a log-loss difference within one standard error of the per-image paired difference: on
+    a few hundred images such a gap is noise, and accuracy, what the user will see, decides.
+    """
+    rows = sorted(rows, key=_rank_key)
+    lowest = rows[0]
+    base = -np.log(np.clip(lowest["oof"][np.arange(len(y)), y], _EPS, 1))
+    for row in rows:
+        diff = -np.log(np.clip(row["oof"][np.arange(len(y)), y], _EPS, 1)) - base
+        se = float(diff.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
+        row["ties_best"] = bool(row["complete"] and diff.mean() <= se)
+    chosen = max((r for r in rows if r["ties_best"]), key=lambda r: (r["cv_accuracy"], -r["cv_log_loss"]))
+    return [chosen] + [r for r in rows if r is not chosen]
+
+
+def format_leaderboard(rows: Sequence[dict[str, Any]], top: int = 10) -> str:
+    """The leaderboard as a text table (best first)."""
+    lines = [f"{'rank':>4}  {'setting':<38} {'CV accuracy':>17} {'log-loss':>9} {'seconds':>8}"]
+    for i, row in enumerate(rows[:top], 1):
+        acc = f"{row['cv_accuracy']:.4f} +- {row['cv_std']:.4f}"
+        mark = "~" if row.get("ties_best") else " "
+        note = "" if row["complete"] else f"  (dropped after {row['folds_done']} fold(s): trailing)"
+        loss = f"{row['cv_log_loss']:>8.4f}{mark}"
+        lines.append(f"{i:>4}  {row['setting']:<38} {acc:>17} {loss} {row['seconds']:>8.2f}{note}")
+    if len(rows) > top:
+        lines.append(f"      ... {len(rows) - top} more (see metrics.json)")
+    if any(r.get("ties_best") for r in rows):
+        lines.append("      ~ log-loss within one standard error of the lowest: the most accurate of these is chosen")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- selection
+
+
+def select_head(x: np.ndarray, y: np.ndarray, *, grid: Grid | None = None, folds: int = DEFAULT_FOLDS,
+                groups: Sequence[Any] | None = None, seed: int = 0, classifier: Classifier | None = None,
+                progress: bool = False) -> Selection:
+    """Cross-validate every candidate of ``grid`` on features ``x`` and rank them.
+
+    Args:
+        x: pooled features, ``(n, d)`` or ``(n, views, d)`` (view 0 is the clean one; held-out images
+            are scored on it, training folds use every view).
+        y: integer labels ``0..k-1``.
+        grid: the candidates (default :class:`Grid`).
+        folds: k of the stratified k-fold (fewer when the smallest class is smaller; noted).
+        groups: e.g. content hashes; a group never spans two folds.
+        classifier: the backbone's own classifier, needed by the ``logits`` sources.
+
+    Returns:
+        :class:`Selection`, leaderboard sorted best first.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):  # small products: 2 BLAS threads cost 5-7x here
+        return _select(x, y, grid or Grid(), folds, groups, seed, classifier, progress)
+
+
+def _select(x: np.ndarray, y: np.ndarray, grid: Grid, folds: int, groups: Sequence[Any] | None, seed: int,
+            classifier: Classifier | None, progress: bool) -> Selection:
+    start = time.perf_counter()
+    grid.validate()
+    x = x[:, None, :] if x.ndim == 2 else x
+    y = np.asarray(y, dtype=np.int64)
+    k = int(y.max()) + 1
+    n_folds, note = fold_count(y, folds)
+    notes = [note] if note else []
+    if grid.needs_classifier() and classifier is None:
+        raise UsageError("the grid asks for the 'logits' feature source but the backbone has no classifier; "
+                         "use --grid-source pooled")
+    fold_list = make_folds(y, groups, n_folds, seed)
+    candidates = grid.candidates(np.bincount(y, minlength=k).tolist())
+    if len(y) < grid.mlp_min_images and any(c.head == "mlp" for c in candidates):
+        if all(c.head == "mlp" for c in candidates):
+            raise UsageError(f"the grid holds only MLP heads, which need at least {grid.mlp_min_images} training "
+                             f"images (there are {len(y)}); add linear heads to the grid")
+        candidates = [c for c in candidates if c.head != "mlp"]
+        notes.append(f"no mlp candidates: {len(y)} training images (< {grid.mlp_min_images}); a linear head is the "
+                     "right size for so few (--grid-mlp 64,256 tries them anyway)")
+    rows: list[dict[str, Any]] = []
+    total = sum(len(fold_list) if c.head == "mlp" else 1 for c in candidates)
+    with tqdm(total=total, desc="selecting head", unit="fit", file=sys.stderr, disable=not progress,
+              leave=False) as bar:
+        feats_of: dict[str, np.ndarray] = {}
+        for source in dict.fromkeys(c.source for c in candidates):
+            feats_of[source] = source_features(x, source, classifier)
+        linear = [c for c in candidates if c.head == "linear"]
+        for key in dict.fromkeys((c.source, c.standardize, c.class_weight) for c in linear):
+            group = [c for c in linear if (c.source, c.standardize, c.class_weight) == key]
+            t0 = time.perf_counter()
+            design = _fold_designs(feats_of[key[0]], y, fold_list, key[1], key[2], k)
+            path = _linear_path(design, [c.C for c in group], k)
+            each = (time.perf_counter() - t0) / len(group)
+            for c, probas in zip(group, path):
+                rows.append({**_score(probas, fold_list, y, k), "setting": c.name, "candidate": c, "seconds": each})
+                bar.update(1)
+        best_linear = min((r for r in rows), key=_rank_key, default=None)
+        for c in (c for c in candidates if c.head == "mlp"):
+            rows.append(_race_mlp(c, feats_of[c.source], y, fold_list, k, seed, best_linear, bar))
+    for i, row in enumerate(rows):
+        row["order"] = i
+    rows = _rank(rows, y)
+    best = rows[0]
+    leaderboard = [{key: v for key, v in r.items() if key not in ("oof", "candidate", "order")}
+                   for r in rows]
+    for r in leaderboard:
+        r["seconds"] = round(r["seconds"], 4)
+    return Selection(leaderboard, best["candidate"], len(fold_list), best["oof"], best["fold_accuracy"],
+                     time.perf_counter() - start, notes)
+
+
+def _race_mlp(c: Candidate, feats: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, ...]], k: int,
+              seed: int, best_linear: dict[str, Any] | None, bar: Any) -> dict[str, Any]:
+    """Cross-validate an MLP candidate fold by fold; stop once it clearly trails the best linear one."""
+    t0 = time.perf_counter()
+    probas: list[np.ndarray] = []
+    for f, (tr, te) in enumerate(folds):
+        head = c.build(len(tr), seed).fit_views(feats[tr], y[tr])
+        p = np.zeros((len(te), k))
+        p[:, head.classes_] = head.predict_proba(feats[te, 0])
+        probas.append(p)
+        bar.update(1)
+        if best_linear is not None and f + 1 < len(folds):
+            seen = np.concatenate([te for _, te in folds[:f + 1]])
+            ref = -np.log(np.clip(best_linear["oof"][seen, y[seen]], _EPS, 1)).mean()
+            mine = _score(probas, folds, y, k)["cv_log_loss"]
+            if mine > RACE_MARGIN[0] + RACE_MARGIN[1] * ref:
+                bar.update(len(folds) - f - 1)
+                break
+    return {**_score(probas, folds, y, k), "setting": c.name, "candidate": c, "seconds": time.perf_counter() - t0}
+
+
+def fit_candidate(c: Candidate, x: np.ndarray, y: np.ndarray, *, classifier: Classifier | None = None,
+                  seed: int = 0) -> LinearHead | MLPHead:
+    """Train ``c`` on every image of ``x`` (``(n, d)`` or ``(n, views, d)``) and return a head on pooled features.
+
+    ``y`` holds the labels the head should answer with (class names). A head chosen on the
+    ``logits`` sources is folded into a head on pooled features (:func:`~headstart.sources.fold_into_pooled`).
+    """
+    x = x[:, None, :] if x.ndim == 2 else x
+    feats = source_features(x, c.source, classifier)
+    head = c.build(len(x), seed).fit_views(feats, y)
+    x_mean = x.reshape(-1, x.shape[2]).astype(np.float64).mean(0)
+    return fold_into_pooled(head, c.source, classifier, x_mean)
+
+
+def candidate_from_dict(value: dict[str, Any]) -> Candidate:
+    """The :class:`Candidate` saved by ``asdict`` (e.g. in a run's metrics)."""
+    return Candidate(**value)
+
+
+def log_loss(proba: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(np.clip(proba[np.arange(len(y)), y], _EPS, 1.0)).mean())
+
