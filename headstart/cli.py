@@ -353,10 +353,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         line = f"run saved to {run.path}"
         if val:
             line += f"; validation accuracy {val['accuracy']:.4f} on {val['n_images']} images"
-        if "cv" in run.metrics:
-            line += f"; {run.metrics['cv']['folds']}-fold CV accuracy {run.metrics['cv']['accuracy']:.4f}"
         if "selection" in run.metrics:
-            line += f" (chosen: {run.metrics['selection']['chosen']})"
+            line += (f"; chosen {run.metrics['selection']['chosen']}, {run.metrics['cv']['folds']}-fold CV accuracy "
+                     f"{run.metrics['cv']['accuracy']:.4f} (the selection's own estimate: optimistic)")
+        elif "cv" in run.metrics:
+            line += f"; {run.metrics['cv']['folds']}-fold CV accuracy {run.metrics['cv']['accuracy']:.4f}"
         print(line)
     return EXIT_OK
 

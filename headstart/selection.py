@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -116,6 +116,8 @@ class Grid:
             raise UsageError(f"grid standardize must list true/false; got {list(self.standardize)}")
         if not self.source:
             raise UsageError("grid source must list at least one of " + ", ".join(SOURCES))
+        if "linear" not in self.head and (not self.mlp or not self.mlp_source):
+            raise UsageError("the grid holds no candidate: MLP heads only, but no mlp widths or mlp sources")
         for s in self.source + self.mlp_source:
             check_source(s)
         if self.class_weight is not None and (
@@ -123,7 +125,8 @@ class Grid:
             raise UsageError(f"grid class_weight must list none and/or balanced; got {list(self.class_weight)}")
 
     def needs_classifier(self) -> bool:
-        sources = self.source + (self.mlp_source if "mlp" in self.head and self.mlp else ())
+        sources = (self.source if "linear" in self.head else ()) + (
+            self.mlp_source if "mlp" in self.head and self.mlp else ())
         return any(s != "pooled" for s in sources)
 
     def candidates(self, counts: Sequence[int]) -> list[Candidate]:
@@ -195,15 +198,25 @@ def make_folds(y: np.ndarray, groups: Sequence[Any] | None, folds: int, seed: in
     return [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.zeros(len(y)), y, groups)]
 
 
-def fold_count(y: np.ndarray, folds: int) -> tuple[int, str | None]:
-    """The folds that the smallest class allows (at least 2), and a note when fewer than asked."""
-    smallest = int(np.bincount(y).min())
+def fold_count(y: np.ndarray, folds: int, groups: Sequence[Any] | None = None) -> tuple[int, str | None]:
+    """The folds that the smallest class allows (at least 2), and a note when fewer than asked.
+
+    A class counts its distinct files (``groups``): copies of one file share a fold, so a class of two
+    identical files cannot be on both sides of a split.
+    """
+    if not (isinstance(folds, int) and folds >= 2):
+        raise UsageError(f"folds must be an integer >= 2; got {folds!r}")
+    if groups is None:
+        smallest = int(np.bincount(y).min())
+    else:
+        keys = np.asarray([str(g) for g in groups])
+        smallest = min(len(set(keys[y == c])) for c in np.unique(y))
     if smallest < 2:
-        raise UsageError(f"selection by cross-validation needs at least 2 images in every class (the smallest has "
-                         f"{smallest}); add images or use --select none")
+        raise UsageError(f"cross-validation needs at least 2 distinct images in every class (the smallest has "
+                         f"{smallest}); add images to that class")
     if smallest >= folds:
         return folds, None
-    return smallest, f"the smallest class has {smallest} images, so {smallest}-fold CV instead of {folds}-fold"
+    return smallest, f"the smallest class has {smallest} distinct images, so {smallest}-fold CV instead of {folds}-fold"
 
 
 # ---------------------------------------------------------------------------------- linear paths
@@ -394,17 +407,23 @@ def _select(x: np.ndarray, y: np.ndarray, grid: Grid, folds: int, groups: Sequen
     x = x[:, None, :] if x.ndim == 2 else x
     y = np.asarray(y, dtype=np.int64)
     k = int(y.max()) + 1
-    n_folds, note = fold_count(y, folds)
+    if y.ndim != 1 or len(y) != len(x) or (len(y) and (y.min() < 0)):
+        raise UsageError(f"y must hold one integer label 0..k-1 per row of x; got shape {y.shape} for {len(x)} rows")
+    n_folds, note = fold_count(y, folds, groups)
     notes = [note] if note else []
     if grid.needs_classifier() and classifier is None:
-        raise UsageError("the grid asks for the 'logits' feature source but the backbone has no classifier; "
-                         "use --grid-source pooled")
+        if grid.source != SOURCES or grid.mlp_source != ("pooled",):
+            raise UsageError("the grid asks for a 'logits' feature source but no classifier was given (pass "
+                             "classifier=, or grid source=['pooled']; CLI: --grid-source pooled)")
+        grid = replace(grid, source=("pooled",))
+        notes.append("no classifier given: selecting on pooled features only")
     fold_list = make_folds(y, groups, n_folds, seed)
     candidates = grid.candidates(np.bincount(y, minlength=k).tolist())
     if len(y) < grid.mlp_min_images and any(c.head == "mlp" for c in candidates):
         if all(c.head == "mlp" for c in candidates):
             raise UsageError(f"the grid holds only MLP heads, which need at least {grid.mlp_min_images} training "
-                             f"images (there are {len(y)}); add linear heads to the grid")
+                             f"images (there are {len(y)}); name widths to try them anyway (grid mlp=[...], CLI "
+                             "--grid-mlp 64,256) or add linear heads")
         candidates = [c for c in candidates if c.head != "mlp"]
         notes.append(f"no mlp candidates: {len(y)} training images (< {grid.mlp_min_images}); a linear head is the "
                      "right size for so few (--grid-mlp 64,256 tries them anyway)")

@@ -78,16 +78,17 @@ def _open_cache(cache_dir: str | os.PathLike[str] | None) -> FeatureCache:
     return FeatureCache(cache_dir)
 
 
-def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray, bar: Any = None) -> dict[str, Any]:
+def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray, groups: list[str],
+                    bar: Any = None) -> dict[str, Any]:
     """k-fold CV accuracy of the one fixed head of ``--select none --cv K`` (folds as the selection's)."""
     from .selection import fold_count, make_folds
 
-    folds, _ = fold_count(y, config.cv or 0)
+    folds, _ = fold_count(y, config.cv or 0, groups)
     if folds != config.cv:
-        raise UsageError(f"--cv {config.cv} needs at least {config.cv} usable images in every class (the smallest "
-                         f"class has {int(np.bincount(y).min())}); lower --cv")
+        raise UsageError(f"--cv {config.cv} needs at least {config.cv} distinct usable images in every class "
+                         f"(the smallest class has {folds}); lower --cv")
     scores = []
-    for train_idx, test_idx in make_folds(y, None, folds, config.seed):  # x: (n, views, d); view 0 is clean
+    for train_idx, test_idx in make_folds(y, groups, folds, config.seed):  # x: (n, views, d); view 0 is clean
         head = make_head(config.head or "linear", **config.head_params).fit_views(x[train_idx], y[train_idx])
         scores.append(head.score(x[test_idx, 0], y[test_idx]))
         if bar is not None:
@@ -197,8 +198,8 @@ def train(
         metrics["cv"] = {"folds": selection.folds, "accuracy": metrics["selection"]["cv_accuracy"],
                          "std": metrics["selection"]["cv_std"], "log_loss": metrics["selection"]["cv_log_loss"],
                          "fold_accuracy": selection.fold_accuracy, "selected_among": len(selection.leaderboard)}
-    elif config.cv:
-        metrics["cv"] = _cross_validate(config, x_train, y_train)
+    elif config.select == "none" and config.cv:
+        metrics["cv"] = _cross_validate(config, x_train, y_train, groups)
         _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
                        f"(+/- {metrics['cv']['std']:.4f})")
     metrics["head_seconds"] = round(time.perf_counter() - head_start, 3)
@@ -244,10 +245,12 @@ def _fit_head(config: TrainConfig, x: np.ndarray, y: np.ndarray, names: list[str
         return make_head(config.head or "linear", **config.head_params).fit_views(x, labels), None
     from .selection import fit_candidate, format_leaderboard, select_head
 
-    if int(np.bincount(y).min()) < 2:
-        _log(progress, "note: a class has a single usable image, too few to cross-validate; training the "
-                       "default linear head without selection")
-        return make_head("linear").fit_views(x, labels), None
+    keys = np.asarray(groups)
+    if min(len(set(keys[y == c])) for c in np.unique(y)) < 2:
+        _log(progress, f"note: a class has a single distinct usable image, too few to cross-validate; training "
+                       f"one {config.head or 'linear'} head without selection")
+        params = {"class_weight": config.head_params["class_weight"]} if "class_weight" in config.head_params else {}
+        return make_head(config.head or "linear", **params).fit_views(x, labels), None
     grid, classifier = _selection_grid(config, bb, cache, progress)
     selection = select_head(x, y, grid=grid, folds=config.cv or DEFAULT_FOLDS, groups=groups, seed=config.seed,
                             classifier=classifier, progress=progress)
@@ -268,6 +271,8 @@ def _selection_grid(config: TrainConfig, bb: Backbone, cache: FeatureCache,
     options = dict(config.grid)
     if config.head is not None:
         options.setdefault("head", [config.head])
+        if config.head == "mlp":
+            options.setdefault("mlp_min_images", 0)  # asked for by name: tried whatever the data size
     if config.head_params.get("class_weight") == "balanced":
         options.setdefault("class_weight", ["balanced"])
     grid, classifier, note = grid_with_classifier(options, bb, config.weights, memo=cache)
@@ -506,6 +511,12 @@ def _check_selection_options(config: TrainConfig) -> None:
         raise UsageError(f"{flags} fix(es) the head, but the head is chosen by cross-validation (--select cv); "
                          "use --select none to train exactly that head, or narrow the search with --grid-C / "
                          "--grid-mlp")
+    if config.head_params.get("class_weight") not in (None, "balanced"):
+        raise UsageError("a class_weight dict fixes the head; with selection only 'balanced' narrows the grid. "
+                         "Use select='none' to train with those weights")
+    if config.head_params.get("seed", config.seed) != config.seed:
+        raise UsageError(f"head_params seed {config.head_params['seed']} differs from seed {config.seed}, which "
+                         "seeds the selection's heads; set seed= instead")
     options = dict(config.grid)
     if config.head is not None:
         options.setdefault("head", [config.head])

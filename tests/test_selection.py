@@ -110,8 +110,32 @@ def test_fold_count_adapts_to_the_smallest_class():
     assert fold_count(np.array([0] * 10 + [1] * 10), 5) == (5, None)
     folds, note = fold_count(np.array([0] * 10 + [1] * 3), 5)
     assert folds == 3 and "3-fold" in note
-    with pytest.raises(UsageError, match="at least 2 images"):
+    with pytest.raises(UsageError, match="at least 2 distinct images"):
         fold_count(np.array([0] * 10 + [1]), 5)
+    y = np.array([0] * 10 + [1] * 4)
+    groups = [f"a{i}" for i in range(10)] + ["b0", "b0", "b1", "b1"]  # two files, each twice
+    assert fold_count(y, 5, groups)[0] == 2
+    with pytest.raises(UsageError, match="folds must be"):
+        fold_count(y, 1)
+
+
+def test_no_fold_trains_without_a_class_when_its_files_are_copies():
+    x, y = blobs(24, 10, 3)
+    groups = [str(i) for i in range(24)]
+    for i in np.flatnonzero(y == 2)[:6]:
+        groups[i] = "copy-a"
+    for i in np.flatnonzero(y == 2)[6:]:
+        groups[i] = "copy-b"  # class 2: two distinct files
+    sel = select_head(x, y, grid=Grid(head=("linear",), source=("pooled",), C=(1.0,)), groups=groups)
+    assert sel.folds == 2
+    for tr, _ in make_folds(y, groups, sel.folds, 0):
+        assert set(y[tr]) == {0, 1, 2}
+
+
+def test_default_grid_without_a_classifier_selects_on_pooled_features():
+    x, y = blobs()
+    sel = select_head(x, y, grid=Grid(head=("linear",), C=(1.0,)))
+    assert {r["setting"].split()[-1] for r in sel.leaderboard} == {"pooled"} and sel.notes
 
 
 def test_mlp_candidates_are_raced_against_the_best_linear():
@@ -152,8 +176,10 @@ def test_grid_errors_name_the_option(options, match):
 
 def test_logits_source_needs_a_classifier():
     x, y = blobs()
-    with pytest.raises(UsageError, match="classifier"):
+    with pytest.raises(UsageError, match="classifier="):
         select_head(x, y, grid=Grid(source=("logits",)))
+    with pytest.raises(UsageError, match="no candidate"):
+        Grid.from_options({"head": ["mlp"], "mlp": []})
 
 
 @pytest.mark.parametrize("source", ["logits", "pooled+logits"])
@@ -226,6 +252,16 @@ def test_fixed_head_params_with_selection_is_refused(tree, tmp_path):
 
     with pytest.raises(UsageError, match="--select none"):
         headstart.train(tree, tmp_path / "r", head_params={"weight_decay": 0.5}, progress=False)
+    with pytest.raises(UsageError, match="class_weight dict"):
+        headstart.train(tree, tmp_path / "r", head_params={"class_weight": {"red": 2.0}}, progress=False)
+
+
+def test_head_mlp_by_name_is_tried_on_small_data(tree, tmp_path):
+    import headstart
+
+    run = headstart.train(tree, tmp_path / "r", head="mlp", grid={"mlp": [4], "mlp_epochs": 2},
+                          cache_dir=tmp_path / "c", num_workers=0, progress=False)
+    assert run.info["head"]["candidate"]["head"] == "mlp"
 
 
 def test_logits_source_with_random_weights(tree, tmp_path):
