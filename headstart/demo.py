@@ -44,7 +44,9 @@ def run_demo(out: str | os.PathLike[str] = "headstart-demo", *, cache_dir: str |
     val = run.metrics["val"]
     text = "\n".join([
         "headstart demo: face vs non-face on 200 real photos from scikit-image's LFW subset",
-        f"  backbone   {run.backbone_name} (frozen, ImageNet weights), linear softmax head",
+        f"  backbone   {run.backbone_name} (frozen, ImageNet weights)",
+        f"  head       {run.info['head']['setting']}, chosen by {run.metrics['cv']['folds']}-fold CV among "
+        f"{run.metrics['cv']['selected_among']} settings (CV accuracy {run.metrics['cv']['accuracy']:.4f})",
         f"  trained on {run.metrics['n_train']} images in {run.metrics['seconds']:.1f}s "
         f"(features {run.metrics['features']['n_computed']} computed, {run.metrics['features']['n_cached']} cached)",
         f"  validation accuracy {val['accuracy']:.4f} on {val['n_images']} held-out images",
