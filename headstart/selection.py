@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
@@ -258,19 +257,19 @@ def _fold_designs(feats: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray
     n_f = len(folds)
     m = max(len(r) for r in train_rows)
     r = max(t.shape[1] for t in train_rows)
-    design = torch.zeros(n_f, m, r, dtype=torch.float64)
-    labels = torch.zeros(n_f, m, dtype=torch.int64)
-    sw = torch.zeros(n_f, m, dtype=torch.float64)
+    design = np.zeros((n_f, m, r))
+    onehot = np.zeros((n_f, m, k))
+    sw = np.zeros((n_f, m))
     for f, (tr, _) in enumerate(folds):
         rows = train_rows[f]
-        design[f, :len(rows), :rows.shape[1]] = torch.from_numpy(rows)
-        labels[f, :len(rows)] = torch.from_numpy(np.repeat(y[tr], n_views))
-        sw[f, :len(rows)] = torch.from_numpy(weights[f])
-    sw = sw / sw.sum(1, keepdim=True)
-    held_t = [torch.from_numpy(np.pad(h, ((0, 0), (0, r - h.shape[1])))) for h in held]
-    return {"design": design, "labels": labels, "sw": sw, "held": held_t,
-            "col_sq": torch.einsum("fm,fmr->fr", sw, design**2),
-            "n_images": torch.tensor([len(tr) for tr, _ in folds], dtype=torch.float64)}
+        design[f, :len(rows), :rows.shape[1]] = rows
+        onehot[f, np.arange(len(rows)), np.repeat(y[tr], n_views)] = 1.0
+        sw[f, :len(rows)] = weights[f]
+    sw /= sw.sum(1, keepdims=True)
+    return {"design": design, "onehot": onehot, "sw": sw,
+            "held": [np.pad(h, ((0, 0), (0, r - h.shape[1]))) for h in held],
+            "col_sq": np.einsum("fm,fmr->fr", sw, design**2),
+            "n_images": np.asarray([len(tr) for tr, _ in folds], dtype=np.float64)}
 
 
 def _linear_path(d: dict[str, Any], cs: Sequence[float], k: int) -> list[list[np.ndarray]]:
@@ -284,16 +283,13 @@ def _linear_path(d: dict[str, Any], cs: Sequence[float], k: int) -> list[list[np
     """
     from scipy.optimize import minimize
 
-    design, labels, sw = (d[key].numpy() for key in ("design", "labels", "sw"))
-    n_f, m, r = design.shape
-    onehot = np.zeros((n_f, m, k))
-    np.put_along_axis(onehot, labels[..., None], 1.0, axis=2)
+    design, onehot, sw = d["design"], d["onehot"], d["sw"]
+    n_f, _, r = design.shape
     weight, bias = np.zeros((n_f, r, k)), np.zeros((n_f, 1, k))
-    design_t = np.ascontiguousarray(design.transpose(0, 2, 1))
     out = []
     for c in cs:
-        decay = (1.0 / (c * d["n_images"].numpy()))[:, None, None]
-        scale = 1.0 / np.sqrt(0.25 * d["col_sq"].numpy()[:, :, None] + decay)  # (F, r, 1)
+        decay = (1.0 / (c * d["n_images"]))[:, None, None]
+        scale = 1.0 / np.sqrt(0.25 * d["col_sq"][:, :, None] + decay)  # (F, r, 1)
 
         def objective(theta: np.ndarray, scale: np.ndarray = scale,
                       decay: np.ndarray = decay) -> tuple[float, np.ndarray]:
@@ -303,7 +299,7 @@ def _linear_path(d: dict[str, Any], cs: Sequence[float], k: int) -> list[list[np
             logp = logits - np.log(np.exp(logits).sum(2, keepdims=True))
             g = (np.exp(logp) - onehot) * sw[..., None]  # d loss / d logits
             value = -float(((logp * onehot).sum(2) * sw).sum()) + 0.5 * float((decay * w**2).sum())
-            grad_w = (design_t @ g + decay * w) * scale
+            grad_w = ((g.transpose(0, 2, 1) @ design).transpose(0, 2, 1) + decay * w) * scale
             return value, np.concatenate([grad_w.ravel(), g.sum(1).ravel()])
 
         theta0 = np.concatenate([(weight / scale).ravel(), bias.ravel()])
@@ -313,7 +309,7 @@ def _linear_path(d: dict[str, Any], cs: Sequence[float], k: int) -> list[list[np
         bias = res.x[n_f * r * k:].reshape(n_f, 1, k)
         probas = []
         for f, h in enumerate(d["held"]):
-            logits = h.numpy() @ weight[f] + bias[f]
+            logits = h @ weight[f] + bias[f]
             e = np.exp(logits - logits.max(1, keepdims=True))
             probas.append(e / e.sum(1, keepdims=True))
         out.append(probas)

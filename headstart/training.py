@@ -189,19 +189,8 @@ def train(
                         f"bad file(s), e.g. {examples}")
     metrics: dict[str, Any] = {"n_train": len(y_train)}
     head_start = time.perf_counter()
-    with _open_cache(config.cache_dir) as cache:
-        keys, _ = cache.image_keys([p for p, ok in zip(train_set.paths, result.ok) if ok])
-        groups = [k if k is not None else f"unreadable:{i}" for i, k in enumerate(keys)]  # duplicates share a fold
-        head, selection = _fit_head(config, x_train, y_train, names, groups, bb, cache, progress)
-    if selection is not None:
-        metrics["selection"] = selection.summary()
-        metrics["cv"] = {"folds": selection.folds, "accuracy": metrics["selection"]["cv_accuracy"],
-                         "std": metrics["selection"]["cv_std"], "log_loss": metrics["selection"]["cv_log_loss"],
-                         "fold_accuracy": selection.fold_accuracy, "selected_among": len(selection.leaderboard)}
-    elif config.select == "none" and config.cv:
-        metrics["cv"] = _cross_validate(config, x_train, y_train, groups)
-        _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
-                       f"(+/- {metrics['cv']['std']:.4f})")
+    ok_paths = [p for p, ok in zip(train_set.paths, result.ok) if ok]
+    head, selection = _frozen_head(config, x_train, y_train, names, ok_paths, bb, metrics, progress)
     metrics["head_seconds"] = round(time.perf_counter() - head_start, 3)
     if val_set is not None and val_result is not None:
         x_val, y_val = val_result.features[val_result.ok], val_set.labels[val_result.ok]
@@ -235,6 +224,25 @@ def train(
     path = write_run(Path(out), info, head, metrics, bad)
     _log(progress, f"saved run to {path}")
     return Run.load(path)
+
+
+def _frozen_head(config: TrainConfig, x: np.ndarray, y: np.ndarray, names: list[str], paths: list[Path],
+                 bb: Backbone, metrics: dict[str, Any], progress: bool) -> tuple[Any, Selection | None]:
+    """The head on the cached features of ``paths``; adds ``selection`` / ``cv`` to ``metrics``."""
+    with _open_cache(config.cache_dir) as cache:
+        keys, _ = cache.image_keys(paths)
+        groups = [k if k is not None else f"unreadable:{i}" for i, k in enumerate(keys)]  # duplicates share a fold
+        head, selection = _fit_head(config, x, y, names, groups, bb, cache, progress)
+    if selection is not None:
+        metrics["selection"] = selection.summary()
+        metrics["cv"] = {"folds": selection.folds, "accuracy": metrics["selection"]["cv_accuracy"],
+                         "std": metrics["selection"]["cv_std"], "log_loss": metrics["selection"]["cv_log_loss"],
+                         "fold_accuracy": selection.fold_accuracy, "selected_among": len(selection.leaderboard)}
+    elif config.select == "none" and config.cv:
+        metrics["cv"] = _cross_validate(config, x, y, groups)
+        _log(progress, f"{config.cv}-fold CV accuracy {metrics['cv']['accuracy']:.4f} "
+                       f"(+/- {metrics['cv']['std']:.4f})")
+    return head, selection
 
 
 def _fit_head(config: TrainConfig, x: np.ndarray, y: np.ndarray, names: list[str], groups: list[str],
