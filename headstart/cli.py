@@ -130,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("fine-tuning (when --freeze is not 'all')")
     g.add_argument("--freeze", default="all",
                    help="all = head only on cached features (default); none = train everything; N = freeze the "
-                        "first N stages (see 'headstart backbones NAME --stages'); auto = choose from the data size; "
+                        "first N stages (see 'headstart backbones NAME --stages'); auto = compare the frozen head "
+                        "with fine-tuning the top 1/2/3 stages on a held-out fold and retrain the winner; "
                         "probe = fit a linear head on every stage's output and choose from the validation scores")
+    g.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="--freeze auto: time for the comparison and the retraining; candidates that would not "
+                        "fit are skipped (default 10)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate of the head (default 1e-3)")
     g.add_argument("--lr-decay", type=float, default=None,
                    help="discriminative rates: each lower stage gets this times the rate above (default 0.5)")
@@ -340,7 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
                          batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
                          augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param),
-                         freeze=args.freeze, resume=args.resume, ensemble=args.ensemble,
+                         freeze=args.freeze, budget=args.budget, resume=args.resume, ensemble=args.ensemble,
                          finetune=_finetune_params(args) if args.freeze != "all" else {})
     run = train(args.data, args.out, config, progress=not args.quiet)
     summary = {"run": str(run.path), "class_names": run.class_names, **run.metrics}

@@ -1,8 +1,9 @@
 """Fine-tuning with the first N stages frozen, trained from cached activations at the cut.
 
-The seed's rule: the fewer images, the more layers stay frozen. ``freeze`` is ``all`` (head only,
-the cached pooled features; see :mod:`headstart.api`), ``none`` (train everything), an integer N
-(freeze the first N stages of :func:`headstart.stages.stage_plan`) or ``auto`` (:func:`choose_freeze`).
+``freeze`` is ``all`` (head only, the cached pooled features; see :mod:`headstart.api`), ``none``
+(train everything), an integer N (freeze the first N stages of :func:`headstart.stages.stage_plan`),
+``auto`` (compare depths on a held-out fold: :mod:`headstart.freeze_auto`) or ``probe``
+(:mod:`headstart.probe`).
 
 When N >= 1 stages are frozen, their output never changes, so it is computed once per view (the
 clean view and K augmented views) and cached on disk in float16 (the seed's speed trick, one level
@@ -98,35 +99,6 @@ def parse_freeze(value: str | int) -> str | int:
     if value in ("all", "none", "auto", "probe"):
         return value
     raise UsageError(f"--freeze must be all, none, auto, probe or a number of stages; got '{value}'")
-
-
-def choose_freeze(class_counts: Sequence[int], n_stages: int) -> tuple[str | int, str]:
-    """The ``auto`` rule: freeze less the more images per class there are.
-
-    ============================  ===========================================
-    smallest class has            freeze
-    ============================  ===========================================
-    < 150 images                  ``all`` (head only, on cached pooled features)
-    150 .. 599                    the first ``n_stages - 2`` stages (train the top two)
-    600 .. 2499                   the first ``n_stages // 2`` stages
-    >= 2500                       ``none`` (train the whole network)
-    ============================  ===========================================
-
-    The smallest class decides because it is the one a fine-tuned network overfits first.
-    Returns the choice and a one-line reason.
-    """
-    smallest = int(min(class_counts)) if len(class_counts) else 0
-    total = int(sum(class_counts))
-    if smallest < 150:
-        return "all", (f"smallest class has {smallest} images (< 150): too few to fine-tune safely; "
-                       "training the head on frozen features")
-    if smallest < 600:
-        n = max(1, n_stages - 2)
-        return n, f"smallest class has {smallest} images (150-599): freezing the first {n} of {n_stages} stages"
-    if smallest < 2500:
-        n = max(1, n_stages // 2)
-        return n, f"smallest class has {smallest} images (600-2499): freezing the first {n} of {n_stages} stages"
-    return "none", f"smallest class has {smallest} images ({total} in all, >= 2500 per class): training everything"
 
 
 # ------------------------------------------------------------------------------------------ model parts
@@ -309,6 +281,8 @@ class FinetuneResult:
     seconds: float
     seconds_per_epoch: float
     cut_seconds: float  # time spent computing the cut cache (0 when it was warm)
+    val_proba: np.ndarray | None = None  # the best model's probabilities on the usable validation images
+    val_index: np.ndarray | None = None  # which images of val_set those rows are (cut path only)
 
 
 def finetune(
@@ -372,7 +346,7 @@ def finetune(
         train_batches = _CutBatches(cache, res.locations.take(keep), shape, labels[keep])
         labels = labels[keep]
         n_views = len(train_views)
-        val_batches = None
+        val_batches, vkeep = None, None
         if val_res is not None and val_res.ok.any():
             vkeep = np.flatnonzero(val_res.ok)
             val_batches = _CutBatches(cache, val_res.locations.take(vkeep), shape,
@@ -487,9 +461,7 @@ def finetune(
                    "train_accuracy": correct / seen if seen else None, "trainable_stages": trainable,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t_epoch, 3)}
             if use_cut and val_batches is not None:
-                row.update(_evaluate(model, val_batches.epoch(np.arange(len(val_batches.labels)),
-                                                              np.zeros(len(val_batches.labels), dtype=int),
-                                                              cfg.batch_size), device, precision, True))
+                row.update(_evaluate(model, _in_order(val_batches, cfg.batch_size), device, precision, True))
             elif not use_cut and val_set is not None:
                 vloader = torch.utils.data.DataLoader(val_dataset, batch_size=cfg.batch_size, num_workers=0)
                 row.update(_evaluate(model, vloader, device, precision, False))
@@ -519,12 +491,16 @@ def finetune(
             torch.use_deterministic_algorithms(det)
     if best["state"]:
         model.load_state_dict(best["state"])
+    val_proba = None
+    if use_cut and val_batches is not None:
+        val_proba = _predict(model, _in_order(val_batches, cfg.batch_size), device, precision, True)[0]
     model.cpu().eval()  # the run is saved and evaluated from the CPU copy
     return FinetuneResult(model=model, bad_files=bad_files, n_frozen=n_frozen, history=history,
                           best_epoch=best["epoch"],
                           seconds=time.perf_counter() - start_time,
                           seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else 0.0,
-                          cut_seconds=cut_seconds)
+                          cut_seconds=cut_seconds, val_proba=val_proba,
+                          val_index=vkeep if val_proba is not None else None)
 
 
 def _num(value: Any) -> str:
@@ -575,20 +551,35 @@ def _optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _evaluate(model: FinetuneModel, batches: Any, device: torch.device, precision: str,
-              from_cut: bool) -> dict[str, float]:
+def _in_order(batches: _CutBatches, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every image once, in order, from its clean view (view 0)."""
+    n = len(batches.labels)
+    return batches.epoch(np.arange(n), np.zeros(n, dtype=int), batch_size)
+
+
+def _predict(model: FinetuneModel, batches: Any, device: torch.device, precision: str,
+             from_cut: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels of every image of ``batches``, in order."""
     was = model.training
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    probas, labels = [], []
     with torch.no_grad(), _autocast(device, precision):
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            logits = (model.forward_from_cut(x) if from_cut else model(x)).float()
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
+            logits = (model.forward_from_cut(x.to(device)) if from_cut else model(x.to(device))).float()
+            probas.append(torch.softmax(logits, 1).cpu().numpy().astype(np.float64))
+            labels.append(y.numpy())
     model.train(was)
-    return {"val_loss": loss_sum / max(1, total), "val_accuracy": correct / max(1, total)}
+    k = model.head.out_features
+    return (np.concatenate(probas) if probas else np.zeros((0, k))), (
+        np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64))
+
+
+def _evaluate(model: FinetuneModel, batches: Any, device: torch.device, precision: str,
+              from_cut: bool) -> dict[str, float]:
+    proba, y = _predict(model, batches, device, precision, from_cut)
+    p_true = np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0)
+    return {"val_loss": float(-np.log(p_true).mean()) if len(y) else 0.0,
+            "val_accuracy": float((proba.argmax(1) == y).mean()) if len(y) else 0.0}
 
 
 def cleanup(work_dir: Path) -> None:

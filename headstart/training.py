@@ -25,7 +25,7 @@ from .cache import FeatureCache, atomic_write_bytes
 from .data import ImageSet, LoadedData, load_images, stratified_split
 from .errors import DataError, UsageError
 from .features import augmented_views, clean_view, extract_features, extract_views
-from .finetune import choose_freeze, parse_freeze
+from .finetune import parse_freeze
 from .heads import make_head
 from .inference import (
     EnsembleRun,
@@ -62,7 +62,8 @@ class TrainConfig:
     augment: str = "none"  # augmentation preset for the augmented feature cache: none, light, standard, heavy
     aug_views: int | None = None  # augmented views cached per training image; None = 8 when augment is set
     aug_params: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {"affine": {"degrees": 20}}
-    freeze: str = "all"  # "all" (head only), "none", "auto", or N = freeze the first N stages
+    freeze: str = "all"  # "all" (head only), "none", "auto", "probe", or N = freeze the first N stages
+    budget: float | None = None  # minutes for --freeze auto's comparison and retraining (None: 10)
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields (epochs, lr, ...)
     resume: bool = False  # continue an interrupted fine-tuning run from its last checkpoint
     ensemble: int = 1  # members per backbone (they differ in bootstrap sample and seed); backbone may be "a,b,c"
@@ -141,13 +142,9 @@ def train(
         _log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
                        f"input {bb.data_config['input_size'][1]}px")
         freeze = parse_freeze(config.freeze)
+        auto = None
         if freeze == "auto":
-            counts = np.bincount(train_set.labels, minlength=len(train_set.class_names)).tolist()
-            n_stages = len(stage_plan(bb.model, whole_ok=True)) if min(counts) >= 150 else 0
-            freeze, reason = choose_freeze(counts, n_stages)
-            if n_stages == 1 and freeze not in ("all", "none"):  # stages not mapped: whole network or nothing
-                freeze, reason = "none", reason + f"; {bb.name}'s stages are not mapped, so training everything"
-            _log(progress, f"--freeze auto: {reason}")
+            freeze, config, auto = _auto_freeze(config, bb, train_set, val_set, cache, Path(out), progress)
         if freeze == "probe":
             from .probe import format_probe_table, probe
 
@@ -157,7 +154,7 @@ def train(
             _log(progress, f"--freeze probe: {reason}")
         if freeze != "all":
             return _train_finetuned(config, data, loaded, train_set, val_set, val_from, bb, cache,
-                                    0 if freeze == "none" else int(freeze), Path(out), progress, start)
+                                    0 if freeze == "none" else int(freeze), Path(out), progress, start, auto)
         _log(progress, "frozen: every layer; training the head on cached pooled features")
         views = [clean_view(bb.data_config)]
         pipeline = None
@@ -188,6 +185,8 @@ def train(
         raise DataError(f"class(es) {lost} have no usable training image after skipping {len(bad)} "
                         f"bad file(s), e.g. {examples}")
     metrics: dict[str, Any] = {"n_train": len(y_train)}
+    if auto is not None:
+        metrics["freeze_auto"] = auto
     head_start = time.perf_counter()
     ok_paths = [p for p, ok in zip(train_set.paths, result.ok) if ok]
     head, selection = _frozen_head(config, x_train, y_train, names, ok_paths, bb, metrics, progress)
@@ -342,7 +341,7 @@ def _train_ensemble(config: TrainConfig, data: Any, out: Path, progress: bool) -
 
 def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_set: ImageSet,
                      val_set: ImageSet | None, val_from: str, bb: Backbone, cache: FeatureCache, n_frozen: int,
-                     out: Path, progress: bool, start: float) -> Run:
+                     out: Path, progress: bool, start: float, auto: dict[str, Any] | None = None) -> Run:
     """The fine-tuning branch of :func:`train` (``freeze`` is not ``all``)."""
     from .backbones import state_dict_digest
     from .features import AugmentedTransform
@@ -375,6 +374,10 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
     backbone_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     digest = state_dict_digest(model.backbone)
     head = LinearHead()
+    if auto is not None and auto.get("temperature"):  # --freeze auto compared the model at this temperature
+        with _no_grad():
+            model.head.weight /= auto["temperature"]
+            model.head.bias /= auto["temperature"]
     head.module_ = _nn_sequential(_Standardize(bb.num_features), model.head)
     head.classes_ = np.asarray(train_set.class_names)
     head.n_features_in_ = bb.num_features
@@ -384,6 +387,8 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
                                "history": result.history, "seconds_per_epoch": round(result.seconds_per_epoch, 3),
                                "cut_cache_seconds": round(result.cut_seconds, 3),
                                "features": {"n_computed": 0, "n_cached": 0, "seconds": 0.0}}
+    if auto is not None:
+        metrics["freeze_auto"] = auto
     from .backbones import Backbone as _Backbone
 
     tuned = _Backbone(bb.name, model.backbone.eval(), bb.data_config, bb.num_features, "run:backbone.safetensors",
@@ -426,6 +431,36 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
     cleanup(work_dir)
     _log(progress, f"saved run to {path}")
     return Run.load(path)
+
+
+def _auto_freeze(config: TrainConfig, bb: Backbone, train_set: ImageSet, val_set: ImageSet | None,
+                 cache: FeatureCache, out: Path, progress: bool) -> tuple[str | int, TrainConfig, dict[str, Any]]:
+    """``--freeze auto``: the depth chosen on a held-out fold, and the config to retrain it on every image."""
+    from .finetune import cleanup
+    from .freeze_auto import auto_freeze, format_table
+
+    work_dir = out.parent / f".{out.name}.auto"
+    try:
+        choice = auto_freeze(bb, train_set, val_set, cache, config=config, work_dir=work_dir,
+                             budget_minutes=config.budget, progress=progress, log=lambda m: _log(progress, m))
+    finally:
+        cleanup(work_dir)
+    chosen = next(t for t in choice.trials if t.freeze == choice.freeze and not t.skipped)
+    _log(progress, "--freeze auto: held-out comparison (* = chosen)\n" + format_table(choice.trials, chosen))
+    for note in choice.notes:
+        _log(progress, f"note: {note}")
+    _log(progress, f"--freeze auto: {choice.reason}; retraining it on all {len(train_set)} training images")
+    if choice.freeze == "all":
+        return "all", config, choice.report()
+    finetune = {**config.finetune, "epochs": choice.epochs}
+    config = replace(config, augment=choice.augment, aug_views=choice.aug_views, finetune=finetune)
+    return choice.freeze, config, choice.report()
+
+
+def _no_grad() -> Any:
+    import torch
+
+    return torch.no_grad()
 
 
 def _nn_sequential(*modules: Any) -> Any:
@@ -488,10 +523,15 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
         if unknown:
             raise UsageError(f"unknown fine-tuning option(s) {sorted(unknown)}")
         FinetuneConfig(**config.finetune).validate()
-        if config.cv:
-            raise UsageError("--cv works with --freeze all (head only); fine-tuning reports validation accuracy")
-        if config.grid:
+        if config.cv and freeze != "auto":
+            raise UsageError("--cv works with --freeze all or auto (a head on frozen features); fine-tuning "
+                             "reports validation accuracy")
+        if config.grid and freeze != "auto":
             raise UsageError("--grid-* options choose a head on frozen features; they do not apply to fine-tuning")
+    if config.budget is not None and (freeze != "auto" or not isinstance(config.budget, (int, float))
+                                      or not config.budget > 0):
+        raise UsageError(f"budget (minutes > 0) limits --freeze auto's comparison; got {config.budget!r} with "
+                         f"--freeze {config.freeze}")
     if not (isinstance(config.ensemble, int) and config.ensemble >= 1):
         raise UsageError(f"ensemble must be a positive integer (members per backbone); got {config.ensemble!r}")
     if not (isinstance(config.seed, int) and config.seed >= 0):

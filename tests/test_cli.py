@@ -129,6 +129,8 @@ def test_backbones_command(cli):
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-C", "0,1"], 2, "C must list numbers > 0"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-mlp", "x"], 2, "--grid-mlp"),
     (["train", "{tree}", "--out", "{tmp}/r", "--select", "none", "--grid-C", "1"], 2, "need --select cv"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--budget", "5"], 2, "--freeze auto"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--freeze", "auto", "--budget", "-1"], 2, "budget"),
     (["train", "{tree}"], 2, "--out"),
     (["evaluate", "{tmp}/no-run", "{tree}"], 1, "does not exist"),
     (["predict", "{tmp}/no-run", "{tree}"], 1, "does not exist"),

@@ -14,7 +14,7 @@ from headstart.cache import FeatureCache
 from headstart.data import load_images
 from headstart.errors import UsageError
 from headstart.features import clean_view
-from headstart.finetune import FinetuneConfig, choose_freeze, finetune, param_groups, parse_freeze
+from headstart.finetune import FinetuneConfig, finetune, param_groups, parse_freeze
 from headstart.stages import describe_stages, stage_plan
 
 
@@ -64,14 +64,6 @@ def test_optimizer_groups_hold_only_unfrozen_parameters_with_discriminative_rate
     assert names == ["head", "tail", "blocks.6", "blocks.5", "blocks.4"]
     lrs = [g["lr"] for g in groups]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] == 1e-3 and lrs[1] == 5e-4
-
-
-@pytest.mark.parametrize(("counts", "expected"), [
-    ([40, 60], "all"), ([149, 1000], "all"), ([150, 300], 6), ([599, 700], 6), ([600, 900], 4), ([2500, 4000], "none"),
-])
-def test_auto_rule(counts, expected):
-    choice, reason = choose_freeze(counts, 8)
-    assert choice == expected and str(min(counts)) in reason
 
 
 def test_parse_freeze():
