@@ -239,7 +239,6 @@ def auto_freeze(backbone: Backbone, train_set: ImageSet, val_set: ImageSet | Non
         if elapsed + predicted > budget * 60:
             reason = f"needs ~{predicted / 60:.1f} min, {max(0.0, budget - elapsed / 60):.1f} min of the budget left"
             trials.append(Trial(name, n_frozen, top, predicted_seconds=predicted, skipped=reason))
-            notes.append(f"{name} skipped: {reason} (raise --budget to try it)")
             continue
         trial = finetune_trial(name, top, n_frozen, backbone, train_set.paths, fit_set, held_set, cache, config,
                                ft_cfg, augment, views, work_dir, progress)
@@ -248,6 +247,10 @@ def auto_freeze(backbone: Backbone, train_set: ImageSet, val_set: ImageSet | Non
         trials.append(trial)
         log(f"  {name}: held-out accuracy {trial.accuracy:.4f}, log-loss {trial.log_loss:.4f} "
             f"({trial.seconds / 60:.1f} min)")
+    skipped = [t.name for t in trials if t.skipped]
+    if skipped:
+        notes.append(f"{len(skipped)} candidate(s) skipped for the {budget:g} min budget ({', '.join(skipped)}); "
+                     "raise --budget to try them")
     chosen, reason = choose(trials)
     temperature = chosen.temperature if chosen.freeze != "all" else None
     return AutoChoice(chosen.freeze, chosen.best_epoch, temperature, augment, views, reason, trials, budget,
