@@ -375,9 +375,8 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
     digest = state_dict_digest(model.backbone)
     head = LinearHead()
     if auto is not None and auto.get("temperature"):  # --freeze auto compared the model at this temperature
-        with _no_grad():
-            model.head.weight /= auto["temperature"]
-            model.head.bias /= auto["temperature"]
+        model.head.weight.data /= auto["temperature"]
+        model.head.bias.data /= auto["temperature"]
     head.module_ = _nn_sequential(_Standardize(bb.num_features), model.head)
     head.classes_ = np.asarray(train_set.class_names)
     head.n_features_in_ = bb.num_features
@@ -455,12 +454,6 @@ def _auto_freeze(config: TrainConfig, bb: Backbone, train_set: ImageSet, val_set
     finetune = {**config.finetune, "epochs": choice.epochs}
     config = replace(config, augment=choice.augment, aug_views=choice.aug_views, finetune=finetune)
     return choice.freeze, config, choice.report()
-
-
-def _no_grad() -> Any:
-    import torch
-
-    return torch.no_grad()
 
 
 def _nn_sequential(*modules: Any) -> Any:

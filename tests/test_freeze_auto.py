@@ -135,3 +135,32 @@ def test_calibration_removes_under_confidence_before_the_comparison():
     tuned = Trial("top 1", 7, 1, raw, 0.93, calibrated=calibrated_losses(timid, y))
     assert raw.mean() > 0.55  # uncalibrated, the fine-tuned model would lose
     assert choose([frozen, tuned])[0].name == "top 1"
+
+
+def test_a_fine_tuned_winner_ships_with_its_temperature(tree, tmp_path, monkeypatch):
+    """What auto compared (logits / T) is what the saved run predicts."""
+    import headstart
+
+    temperature = 2.0
+    from headstart import freeze_auto
+
+    def fake(choice_t):
+        def auto_freeze(*args, **kwargs):
+            trial = Trial("fine-tune top 1 stage", 7, 1, np.zeros(2), 1.0, best_epoch=1)
+            return freeze_auto.AutoChoice(7, 1, choice_t, "light", 1, "test", [trial], 1.0, 0.0)
+        return auto_freeze
+
+    kw = {"cache_dir": tmp_path / "c", "num_workers": 0, "progress": False, "freeze": "auto",
+          "finetune": {"batch_size": 4}}
+    runs = []
+    for t in (None, temperature):
+        monkeypatch.setattr(freeze_auto, "auto_freeze", fake(t))
+        runs.append(headstart.train(tree, tmp_path / f"run{t}", **kw))
+    assert runs[1].metrics["freeze_auto"]["temperature"] == temperature and runs[1].info["backbone"]["freeze"] == 7
+    x = np.random.default_rng(0).normal(size=(5, runs[0].head.n_features_in_)).astype(np.float32)
+    log_p = np.log(runs[0].head.predict_proba(x))
+    z = log_p / temperature
+    expected = z - np.log(np.exp(z).sum(1, keepdims=True))
+    got = np.log(runs[1].head.predict_proba(x))
+    np.testing.assert_allclose(got, expected, atol=2e-3)  # two trainings agree to ~5e-4 (bf16), not exactly
+    assert np.abs(got - log_p).max() > 5 * np.abs(got - expected).max()  # and T visibly changed them
