@@ -154,6 +154,12 @@ def held_out_split(train_set: ImageSet, val_set: ImageSet | None, cache: Feature
         return train_set, val_set, "the validation images"
     keys, _ = cache.image_keys(train_set.paths)
     groups = [k if k is not None else f"unreadable:{i}" for i, k in enumerate(keys)]
+    for c, name in enumerate(train_set.class_names):
+        distinct = len({g for g, label in zip(groups, train_set.labels) if label == c})
+        if distinct < 3:
+            raise UsageError(f"--freeze auto holds out {HELD_OUT:.0%} of each class and cross-validates the rest, "
+                             f"so every class needs 3 distinct images; class '{name}' has {distinct}. Add images, "
+                             "or choose the depth yourself (--freeze all or --freeze N)")
     fit_idx, held_idx = stratified_split(train_set.labels, HELD_OUT, seed, groups=groups)
     return train_set.subset(fit_idx), train_set.subset(held_idx), f"a held-out {HELD_OUT:.0%} of each class"
 

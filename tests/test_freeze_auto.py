@@ -76,6 +76,14 @@ def test_budget_is_validated(tree, tmp_path):
         train(tree, tmp_path / "run", freeze="auto", budget=0, progress=False)
 
 
+def test_too_few_images_per_class_for_auto_is_a_clear_error(tmp_path):
+    from headstart import train
+
+    data = make_tree(tmp_path / "data", per_class=2)
+    with pytest.raises(UsageError, match=r"--freeze auto .* class '(red|blue)' has 2"):
+        train(data, tmp_path / "run", freeze="auto", progress=False)
+
+
 def test_a_budget_too_small_for_fine_tuning_keeps_the_frozen_head(tmp_path):
     from headstart import train
 
