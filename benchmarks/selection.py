@@ -69,7 +69,7 @@ def nested(x: np.ndarray, y: np.ndarray, groups: list[str], classifier: object, 
     for tr, te in make_folds(y, groups, outer, seed=seed):
         sel = select_head(x[tr], y[tr], groups=[groups[i] for i in tr], classifier=classifier, seed=0)
         chosen.append(sel.best.name)
-        head = fit_candidate(sel.best, x[tr], y[tr], classifier=classifier)
+        head = fit_candidate(sel.best, x[tr], y[tr], classifier=classifier, temperature=sel.temperature)
         proba["headstart default"][te] = head.predict_proba(x[te])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -117,7 +117,7 @@ def timing(x: np.ndarray, y: np.ndarray, groups: list[str] | None, classifier: o
     fit_candidate(warm.best, x[few], y[few], classifier=classifier)  # one-time imports (torch.optim: ~3.5 s)
     start = time.perf_counter()
     sel = select_head(x, y, groups=groups, classifier=classifier, grid=grid)
-    fit_candidate(sel.best, x, y, classifier=classifier)
+    fit_candidate(sel.best, x, y, classifier=classifier, temperature=sel.temperature)
     ours = time.perf_counter() - start
     start = time.perf_counter()
     with warnings.catch_warnings():

@@ -4,7 +4,9 @@ The candidates, cheapest first: the frozen network with the head chosen by cross
 (``all``), then fine-tuning with the top 1, 2 and 3 stages trainable (cut-cached, augmented,
 early-stopped on the fold). Each is scored on the same held-out fold (a stratified 20% of the
 training images, identical files on one side, or the ``val/`` folder) by log-loss after a
-temperature fitted per candidate (:func:`calibrated_losses`). The lowest is the reference; the cheapest
+temperature fitted per candidate on those images (:func:`~headstart.calibration.calibrated_losses`;
+fitting it on half of the fold and scoring the other half was tried and was too noisy on folds of
+40-70 images: a half without errors drives the temperature to its bound). The lowest is the reference; the cheapest
 candidate within the noise of it (one standard error of the per-image paired difference, and at
 least :data:`MIN_MARGIN`) is chosen, so a costlier candidate must win clearly. The fine-tuned
 candidates also pick their epoch on that fold, which flatters them a little; the margin is the
@@ -17,7 +19,7 @@ candidate has run, the prediction of the next is corrected by how far off the la
 
 A fine-tuned winner is shipped with the temperature it was compared with (its logits divided by
 it, folded into the head): what was compared is what the user gets. The frozen head is shipped as
-the cross-validated selection made it.
+the cross-validated selection made it (with the selection's own temperature).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from .backbones import Backbone
 from .cache import FeatureCache
+from .calibration import calibrated_losses, fit_temperature
 from .data import ImageSet, stratified_split
 from .errors import UsageError
 
@@ -43,7 +46,6 @@ HELD_OUT = 0.2  # fraction of each class held out to compare the candidates (whe
 AUTO_AUGMENT = "standard"  # augmentation of the fine-tuning candidates when --augment is not given
 AUTO_AUG_VIEWS = 4  # augmented views cached at the cut per image (the cut cache is the main cost)
 TOP_STAGES = (1, 2, 3)  # fine-tuning candidates: this many top stages trainable
-TEMPERATURE_RANGE = 4.0  # the calibrating temperature stays within 1/4 .. 4
 _EPS = 1e-15
 
 
@@ -263,44 +265,6 @@ def auto_freeze(backbone: Backbone, train_set: ImageSet, val_set: ImageSet | Non
                       time.perf_counter() - start, notes)
 
 
-def _nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    return np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
-
-
-def _temperature(logp: np.ndarray, y: np.ndarray) -> float:
-    from scipy.optimize import minimize_scalar
-
-    bound = float(np.log(TEMPERATURE_RANGE))
-    res = minimize_scalar(lambda t: float(_nll(logp / np.exp(t), y).mean()), bounds=(-bound, bound),
-                          method="bounded")
-    return float(np.exp(res.x))
-
-
-def calibrated_losses(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-image log-loss after the temperature that fits these images best (within 1/4 .. 4).
-
-    Models trained differently are calibrated differently (label smoothing makes a fine-tuned network
-    under-confident, a cross-validated logistic regression is close to calibrated); one temperature
-    per candidate removes that before they are compared, so the comparison is about how well each
-    ranks the classes. Fitting it on the scored images flatters every candidate by about the same
-    one parameter; fitting it on half and scoring the other half was tried and was too noisy on
-    folds of 40-70 images (a half without errors drives the temperature to its bound). Rows of
-    ``proba`` that are NaN (unusable images) stay NaN.
-    """
-    out = np.full(len(y), np.nan)
-    ok = np.flatnonzero(~np.isnan(proba).any(1))
-    if len(ok):
-        logp = np.log(np.clip(proba[ok], _EPS, 1.0))
-        out[ok] = _nll(logp / fit_temperature(proba[ok], y[ok]), y[ok])
-    return out
-
-
-def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
-    """The temperature T (within 1/4 .. 4) that minimises the log-loss of ``softmax(log(proba) / T)``."""
-    return _temperature(np.log(np.clip(proba, _EPS, 1.0)), y)
-
-
 def _trial(name: str, freeze: str | int, top: int, proba: np.ndarray, ok: np.ndarray, y: np.ndarray,
            seconds: float, best_epoch: int | None = None) -> Trial:
     """A scored trial from the probabilities of the usable held-out images (``ok`` marks them)."""
@@ -329,7 +293,7 @@ def _frozen_trial(backbone: Backbone, fit_set: ImageSet, held_set: ImageSet, cac
     keys, _ = cache.image_keys([p for p, ok in zip(fit_set.paths, fit.ok) if ok])
     sel = select_head(x, y, grid=grid, folds=config.cv or DEFAULT_FOLDS, groups=[k or str(i) for i, k in
                       enumerate(keys)], seed=config.seed, classifier=classifier)
-    head = fit_candidate(sel.best, x, y, classifier=classifier, seed=config.seed)
+    head = fit_candidate(sel.best, x, y, classifier=classifier, seed=config.seed, temperature=sel.temperature)
     proba = np.zeros((int(held.ok.sum()), len(fit_set.class_names)))
     proba[:, head.classes_] = head.predict_proba(held.features[held.ok])
     return _trial(f"frozen, {sel.best.name}", "all", 0, proba, held.ok, held_set.labels, time.perf_counter() - t0)

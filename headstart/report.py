@@ -316,16 +316,17 @@ def _selection(selections: Sequence[dict[str, Any]], top: int = 15) -> str:
     """The chosen head setting of each model and its cross-validation leaderboard."""
     parts = []
     for sel in selections:
-        rows = [[i, r["setting"] + (" ~" if r.get("ties_best") else ""), r["cv_accuracy"], r["cv_std"],
-                 r["cv_log_loss"], r.get("folds_done"), r.get("seconds")]
+        rows = [[i, r["setting"], r["cv_accuracy"], r["cv_std"], r["cv_log_loss"], r.get("temperature"),
+                 r.get("folds_done"), r.get("seconds")]
                 for i, r in enumerate(sel.get("leaderboard", [])[:top], 1)]
         who = f"{sel['member']}: " if sel.get("member") else ""
         parts.append(f"<p>{_e(who)}chosen <b>{_e(sel.get('chosen'))}</b> among {_e(sel.get('n_candidates'))} "
                      f"settings by {_e(sel.get('folds'))}-fold cross-validation on the training images, then "
                      "refitted on all of them.</p>"
-                     + _table(["rank", "setting", "CV accuracy", "+-", "CV log-loss", "folds", "seconds"], rows))
-    return ("".join(parts) + "<p>~ log-loss within one standard error of the lowest; the most accurate of these "
-            "is chosen. The CV figures are the selection's own (slightly optimistic); this page's accuracy "
+                     + _table(["rank", "setting", "CV accuracy", "+-", "CV log-loss", "T", "folds", "seconds"], rows))
+    return ("".join(parts) + "<p>Log-loss at each setting's temperature T (its logits divided by T, fitted out of "
+            "fold; the chosen head ships with it). The CV figures are the selection's own (slightly optimistic); "
+            "this page's accuracy "
             "is measured on the evaluated data.</p>")
 
 

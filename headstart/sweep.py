@@ -5,9 +5,9 @@ feature cache (each backbone's views are extracted once: a count of 4 uses views
 8), :func:`~headstart.selection.select_head` cross-validates the grid of head settings on them, and
 all rows are merged into one leaderboard. Every pair sees the same images in the same folds (same
 seed, same content groups), so their scores compare. Each pair's winner is the setting ``train`` would
-choose for that backbone and view count; the best of the sweep is chosen among those winners by the
-selection's own rule (the lowest log-loss, unless others are within one standard error of it, then
-the most accurate of them), and the other rows follow by log-loss.
+choose for that backbone and view count; all rows are ranked by the selection's own rule (the lowest
+log-loss at each setting's own temperature, accuracy breaking ties), so the best of the sweep is
+the best of those winners.
 The best setting is then saved as an ordinary run by :func:`~headstart.training.train` with its
 backbone, views and a grid narrowed to that one candidate, which refits it on every training image.
 
@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from .sources import Classifier
 SWEEP_FILE, CSV_FILE, PLOT_FILE, BEST_DIR = "sweep.json", "sweep.csv", "sweep.png", "best"
 DEFAULT_AUGMENT = "standard"  # the preset when a view count > 0 is asked for without --augment
 PLOT_TOP = 20
-SCORES = ("cv_accuracy", "cv_std", "cv_log_loss", "fold_accuracy", "folds_done", "complete", "seconds")
+SCORES = ("cv_accuracy", "cv_std", "cv_log_loss", "cv_log_loss_raw", "temperature", "fold_accuracy", "folds_done",
+          "complete", "seconds")
 
 
 def _log(progress: bool, message: str) -> None:
@@ -265,7 +266,7 @@ def sweep(
         keys, _ = cache.image_keys([p for p, good in zip(train_set.paths, ok) if good])
         groups = [k if k is not None else f"unreadable:{j}" for j, k in enumerate(keys)]  # duplicates share a fold
         rows: list[dict[str, Any]] = []
-        winners: dict[int, np.ndarray] = {}  # row index of each pair's winner -> its out-of-fold probabilities
+        winners: set[int] = set()  # row index of each pair's winner
         folds_used = folds_asked
         for name in names:  # the second pass: read the views back, cross-validate the grid on each view count
             bb = create_backbone(name, weights, memo=cache)
@@ -281,7 +282,7 @@ def sweep(
                 for note in (n for n in selection.notes if n not in notes):
                     notes.append(note)
                     _log(progress, f"note: {note}")
-                winners[len(rows)] = selection.oof_proba
+                winners.add(len(rows))
                 rows += [_row(r, name, k, augment, by_name[r["setting"]]) for r in selection.leaderboard]
                 seconds = time.perf_counter() - t0
                 timings["selection"][f"{name} x{k}"] = round(seconds, 3)
@@ -289,7 +290,7 @@ def sweep(
                                f"settings, best {selection.leaderboard[0]['setting']} (CV accuracy "
                                f"{selection.leaderboard[0]['cv_accuracy']:.4f}), {seconds:.1f}s")
             del x_all
-    leaderboard = rank_rows(rows, winners, y)
+    leaderboard = rank_rows(rows, winners)
     best = leaderboard[0]
     settings = {"data": str(data), "backbones": names, "weights": weights, "aug_views": counts, "augment": augment,
                 "aug_params": aug_params, "grid": options, "cv": folds_asked, "folds": folds_used, "seed": seed,
@@ -330,38 +331,21 @@ def _row(row: dict[str, Any], backbone: str, k: int, augment: str, candidate: Ca
 def csv_columns() -> list[str]:
     """The columns of ``sweep.csv``: rank, backbone, views, the head setting's fields, the scores, the full name."""
     return ["rank", "backbone", "aug_views", "augment", "head_setting", *Candidate.__dataclass_fields__,
-            *SCORES, "pair_winner", "ties_best", "setting"]
+            *SCORES, "pair_winner", "setting"]
 
 
-def rank_rows(rows: Sequence[dict[str, Any]], winners: dict[int, np.ndarray] | None = None,
-              y: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Rows best first, with ``rank``, ``pair_winner`` and ``ties_best``, ranked as the selection ranks its own.
+def rank_rows(rows: Sequence[dict[str, Any]], winners: Collection[int] = ()) -> list[dict[str, Any]]:
+    """Rows best first, with ``rank`` and ``pair_winner``, ranked as the selection ranks its own.
 
-    ``winners`` maps the index of each (backbone, views) pair's first row, the setting ``train`` would
-    choose there, to its out-of-fold probabilities ``(n, k)`` for labels ``y``. The best is the winner
-    with the lowest log-loss, unless other winners are within one standard error of it (of the
-    per-image paired difference; ``ties_best``), then the most accurate of those. The other rows
-    follow by log-loss (to 4 places; complete first, accuracy breaks ties, then the order given:
-    backbones as listed, fewer views first).
+    ``winners`` holds the index of each (backbone, views) pair's first row, the setting ``train``
+    would choose there. Rows go by log-loss (to 4 places; complete first, accuracy breaks ties, then
+    the order given: backbones as listed, fewer views first).
     """
     def key(i: int) -> tuple[Any, ...]:
         return (not rows[i]["complete"], round(rows[i]["cv_log_loss"], 4), -rows[i]["cv_accuracy"], i)
 
     order = sorted(range(len(rows)), key=key)
-    ties: dict[int, bool] = {}
-    if winners and y is not None:
-        def nll(i: int) -> np.ndarray:
-            return -np.log(np.clip(winners[i][np.arange(len(y)), y], 1e-15, 1.0))
-
-        base = nll(min(winners, key=key))
-        for i in winners:
-            diff = nll(i) - base
-            se = float(diff.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else 0.0
-            ties[i] = bool(rows[i]["complete"] and diff.mean() <= se)
-        chosen = max((i for i in order if ties.get(i)), key=lambda i: (rows[i]["cv_accuracy"], -rows[i]["cv_log_loss"]))
-        order = [chosen] + [i for i in order if i != chosen]
-    return [{"rank": r, **rows[i], "pair_winner": i in (winners or {}), "ties_best": ties.get(i, False)}
-            for r, i in enumerate(order, 1)]
+    return [{"rank": r, **rows[i], "pair_winner": i in winners} for r, i in enumerate(order, 1)]
 
 
 def candidate_of(row: dict[str, Any]) -> Candidate:
@@ -428,19 +412,15 @@ def format_sweep(leaderboard: Sequence[dict[str, Any]], top: int = 20) -> str:
     wv = max([len("views")] + [len(_views_label(r["aug_views"], r["augment"])) for r in leaderboard[:top]])
     wh = max([len("head setting")] + [len(r["head_setting"]) for r in leaderboard[:top]])
     lines = [f"{'rank':>4}  {'backbone':<{wb}}  {'views':<{wv}}  {'head setting':<{wh}}  {'CV accuracy':>17}  "
-             f"{'log-loss':>8}   {'seconds':>7}"]
+             f"{'log-loss':>8}  {'seconds':>7}"]
     for row in leaderboard[:top]:
         acc = f"{row['cv_accuracy']:.4f} +- {row['cv_std']:.4f}"
         note = "" if row["complete"] else f"  (dropped after {row['folds_done']} fold(s): trailing)"
         views = _views_label(row["aug_views"], row["augment"])
         lines.append(f"{row['rank']:>4}  {row['backbone']:<{wb}}  {views:<{wv}}  {row['head_setting']:<{wh}}"
-                     f"  {acc:>17}  {row['cv_log_loss']:>8.4f}{'~' if row.get('ties_best') else ' '} "
-                     f"{row['seconds']:>7.2f}{note}")
+                     f"  {acc:>17}  {row['cv_log_loss']:>8.4f}  {row['seconds']:>7.2f}{note}")
     if len(leaderboard) > top:
         lines.append(f"      ... {len(leaderboard) - top} more (see {CSV_FILE})")
-    if any(r.get("ties_best") for r in leaderboard):
-        lines.append("      ~ a backbone-and-views winner within one standard error of the winners' lowest log-loss; "
-                     "the most accurate of these ranks first")
     return "\n".join(lines)
 
 

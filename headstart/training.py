@@ -265,8 +265,10 @@ def _fit_head(config: TrainConfig, x: np.ndarray, y: np.ndarray, names: list[str
         _log(progress, f"note: {note}")
     _log(progress, f"selection: {len(selection.leaderboard)} head settings, {selection.folds}-fold CV "
                    f"({selection.seconds:.1f}s); best first:\n" + format_leaderboard(selection.leaderboard, 5))
-    _log(progress, f"chosen: {selection.best.name}; refitting it on all {len(y)} training images")
-    head = fit_candidate(selection.best, x, labels, classifier=classifier, seed=config.seed)
+    _log(progress, f"chosen: {selection.best.name} (temperature {selection.temperature:.2f}); refitting it on all "
+                   f"{len(y)} training images")
+    head = fit_candidate(selection.best, x, labels, classifier=classifier, seed=config.seed,
+                         temperature=selection.temperature)
     return head, selection
 
 

@@ -124,7 +124,7 @@ def test_auto_on_real_photos_tries_fine_tuning_and_retrains_the_winner(tmp_path)
 
 
 def test_calibration_removes_under_confidence_before_the_comparison():
-    from headstart.freeze_auto import calibrated_losses, fit_temperature
+    from headstart.calibration import calibrated_losses, fit_temperature
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)
