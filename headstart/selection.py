@@ -16,10 +16,9 @@ folds), so no image is scored at a temperature fitted on itself.
 
 Linear candidates of one feature source / standardisation / class weighting are solved together:
 all folds in one batched L-BFGS, warm-started along the ``C`` path from strong to weak
-regularisation. When a fold has fewer training rows than features, the problem is solved exactly in
-the span of its rows (an L2-penalised solution lies there), which shrinks 1280 features to the
-number of images. MLP candidates train fold by fold and are dropped early (raced) when they trail
-the best linear candidate on the folds seen so far by a wide margin; the leaderboard says so.
+regularisation (:mod:`headstart.linear_path`). MLP candidates train fold by fold and are dropped
+early (raced) when they trail the best linear candidate on the folds seen so far by a wide margin;
+the leaderboard says so.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from .calibration import apply_temperature, cross_fitted_losses, fit_temperature, scale_head
 from .errors import UsageError
 from .heads import LinearHead, MLPHead
+from .linear_path import fold_problem, solve_path
 from .sources import SOURCES, Classifier, check_source, fold_into_pooled, source_features
 
 DEFAULT_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # scikit-learn's C: weight decay 1/(C n)
@@ -46,7 +46,6 @@ IMBALANCE_RATIO = 1.5  # largest/smallest class above this adds class_weight="ba
 RACE_MARGIN = (0.01, 1.1)  # an MLP is dropped when its log-loss > 0.01 + 1.1 x the best linear's so far
 TEMPERATURE_PRIOR = 2.0  # log-normal prior on each setting's temperature (sd 0.5 in log T); see calibration.py
 _EPS = 1e-15
-_DESIGN_DTYPE = np.float32  # the two products per evaluation are memory-bound: float32 halves their time
 
 
 @dataclass(frozen=True)
@@ -231,107 +230,6 @@ def fold_count(y: np.ndarray, folds: int, groups: Sequence[Any] | None = None) -
     return smallest, f"the smallest class has {smallest} distinct images, so {smallest}-fold CV instead of {folds}-fold"
 
 
-# ---------------------------------------------------------------------------------- linear paths
-
-
-def _fold_designs(feats: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, ...]], standardize: bool,
-                  class_weight: str | None, k: int) -> dict[str, Any]:
-    """Per fold: training rows (every view) and held-out clean rows in the principal axes of the training rows.
-
-    An exact change of variables: rows are centred (the intercept absorbs the mean) and rotated onto
-    the right singular vectors of the centred training rows, keeping the non-zero ones. The L2
-    penalty is unchanged by the rotation, and the L2-penalised solution lies in that span, so the
-    problem has at most ``n_rows`` features instead of ``dim``. ``col_sq`` (the weighted squared
-    column norms) lets the solver precondition each axis by its curvature.
-    """
-    n_views, dim = feats.shape[1], feats.shape[2]
-    train_rows, held, weights = [], [], []
-    for tr, te in folds:
-        rows = feats[tr].reshape(-1, dim).astype(np.float64)
-        out = feats[te, 0].astype(np.float64)
-        if standardize:  # as LinearHead: statistics of the training rows, in float32
-            f32 = feats[tr].reshape(-1, dim)
-            mean, scale = f32.mean(0).astype(np.float64), np.maximum(f32.std(0), 1e-6).astype(np.float64)
-            rows, out = (rows - mean) / scale, (out - mean) / scale
-        centre = rows.mean(0)
-        rows, out = rows - centre, out - centre
-        if len(rows) < dim:
-            _, s, vt = np.linalg.svd(rows, full_matrices=False)
-            axes = vt[s > s[0] * 1e-10].T
-        else:
-            eigval, eigvec = np.linalg.eigh(rows.T @ rows)
-            axes = eigvec[:, eigval > eigval.max() * 1e-20]
-        train_rows.append(rows @ axes)
-        held.append(out @ axes)
-        target = np.repeat(y[tr], n_views)
-        counts = np.bincount(target, minlength=k).astype(np.float64)
-        cw = len(target) / (k * np.maximum(counts, 1)) if class_weight == "balanced" else np.ones(k)
-        weights.append(cw[target])
-    n_f = len(folds)
-    m = max(len(r) for r in train_rows)
-    r = max(t.shape[1] for t in train_rows)
-    design = np.zeros((n_f, m, r))
-    onehot = np.zeros((n_f, m, k))
-    sw = np.zeros((n_f, m))
-    for f, (tr, _) in enumerate(folds):
-        rows = train_rows[f]
-        design[f, :len(rows), :rows.shape[1]] = rows
-        onehot[f, np.arange(len(rows)), np.repeat(y[tr], n_views)] = 1.0
-        sw[f, :len(rows)] = weights[f]
-    sw /= sw.sum(1, keepdims=True)
-    return {"design": design, "onehot": onehot, "sw": sw,
-            "held": [np.pad(h, ((0, 0), (0, r - h.shape[1]))) for h in held],
-            "col_sq": np.einsum("fm,fmr->fr", sw, design**2),
-            "n_images": np.asarray([len(tr) for tr, _ in folds], dtype=np.float64)}
-
-
-def _linear_path(d: dict[str, Any], cs: Sequence[float], k: int) -> list[list[np.ndarray]]:
-    """Held-out probabilities ``[c][fold]`` along the C path, every fold in one L-BFGS, warm-started.
-
-    Each axis is scaled by ``1 / sqrt(curvature)`` (an upper bound of the softmax loss' curvature,
-    1/4 of the weighted squared column norm, plus the weight decay), so L-BFGS sees a well-conditioned
-    problem whatever the spread of the feature scales. The objective and its gradient are written
-    out in numpy and minimised by SciPy's L-BFGS-B: on these small problems the per-evaluation cost
-    of autograd and of torch's Python L-BFGS was 20-40x the arithmetic. The two products with the
-    design run in float32 (they read the whole design, so memory bandwidth sets their time), the
-    softmax, objective and optimiser state in float64: against all-float64 the held-out log-loss
-    moved by < 3e-4 on both shared sets and the 5,000-image synthetic set, at half the time.
-    """
-    from scipy.optimize import minimize
-
-    design, onehot, sw = d["design"].astype(_DESIGN_DTYPE), d["onehot"], d["sw"]
-    n_f, _, r = design.shape
-    weight, bias = np.zeros((n_f, r, k)), np.zeros((n_f, 1, k))
-    out = []
-    for c in cs:
-        decay = (1.0 / (c * d["n_images"]))[:, None, None]
-        scale = 1.0 / np.sqrt(0.25 * d["col_sq"][:, :, None] + decay)  # (F, r, 1)
-
-        def objective(theta: np.ndarray, scale: np.ndarray = scale,
-                      decay: np.ndarray = decay) -> tuple[float, np.ndarray]:
-            w = theta[:n_f * r * k].reshape(n_f, r, k) * scale
-            logits = (design @ w.astype(_DESIGN_DTYPE)).astype(np.float64) + theta[n_f * r * k:].reshape(n_f, 1, k)
-            logits -= logits.max(2, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(2, keepdims=True))
-            g = (np.exp(logp) - onehot) * sw[..., None]  # d loss / d logits
-            value = -float(((logp * onehot).sum(2) * sw).sum()) + 0.5 * float((decay * w**2).sum())
-            grad_w = ((g.astype(_DESIGN_DTYPE).transpose(0, 2, 1) @ design).transpose(0, 2, 1) + decay * w) * scale
-            return value, np.concatenate([grad_w.ravel(), g.sum(1).ravel()])
-
-        theta0 = np.concatenate([(weight / scale).ravel(), bias.ravel()])
-        res = minimize(objective, theta0, jac=True, method="L-BFGS-B",
-                       options={"maxiter": 1000, "gtol": 1e-6, "ftol": 1e-10, "maxcor": 10})
-        weight = res.x[:n_f * r * k].reshape(n_f, r, k) * scale
-        bias = res.x[n_f * r * k:].reshape(n_f, 1, k)
-        probas = []
-        for f, h in enumerate(d["held"]):
-            logits = h @ weight[f] + bias[f]
-            e = np.exp(logits - logits.max(1, keepdims=True))
-            probas.append(e / e.sum(1, keepdims=True))
-        out.append(probas)
-    return out
-
-
 # -------------------------------------------------------------------------------------- scoring
 
 
@@ -440,8 +338,8 @@ def _select(x: np.ndarray, y: np.ndarray, grid: Grid, folds: int, groups: Sequen
         for key in dict.fromkeys((c.source, c.standardize, c.class_weight) for c in linear):
             group = [c for c in linear if (c.source, c.standardize, c.class_weight) == key]
             t0 = time.perf_counter()
-            design = _fold_designs(feats_of[key[0]], y, fold_list, key[1], key[2], k)
-            path = _linear_path(design, [c.C for c in group], k)
+            problem = fold_problem(feats_of[key[0]], y, fold_list, key[1], key[2], k)
+            path = solve_path(problem, [c.C for c in group], k, [y[te] for _, te in fold_list])
             each = (time.perf_counter() - t0) / len(group)
             for c, probas in zip(group, path):
                 rows.append({**_score(probas, fold_list, y, k), "setting": c.name, "candidate": c, "seconds": each})

@@ -42,17 +42,21 @@ def _per_fold_oof(c: Candidate, x: np.ndarray, y: np.ndarray, folds, cl: Classif
     return oof
 
 
-@pytest.mark.parametrize("candidate", [
-    Candidate("linear", "pooled", C=1.0),
-    Candidate("linear", "pooled", C=0.01, standardize=True),
-    Candidate("linear", "logits", C=10.0),
-    Candidate("linear", "pooled+logits", C=0.3, standardize=True, class_weight="balanced"),
-])
-def test_batched_path_matches_one_head_per_fold(candidate):
+CASES = [Candidate("linear", "pooled", C=1.0), Candidate("linear", "pooled", C=0.01, standardize=True),
+         Candidate("linear", "logits", C=10.0),
+         Candidate("linear", "pooled+logits", C=0.3, standardize=True, class_weight="balanced")]
+
+
+# n=80: more training rows than features in every fold (one rotation serves all folds); n=40: fewer for the
+# pooled sources (each fold in the span of its rows). logits at C=10 on 40 images is nearly separable, its
+# optimum too flat for two solvers to agree on (log-loss ~9.5), so that case is tried on 80 only.
+@pytest.mark.parametrize("candidate, n", [(c, 80) for c in CASES] + [(replace(c, C=min(c.C, 1.0)), 40) for c in CASES])
+def test_batched_path_matches_one_head_per_fold(candidate, n):
     """The batched, reduced, warm-started solver gives what LinearHead gives fold by fold."""
     x, y = blobs()
-    x = x[:80]
-    y = y[:80] if candidate.class_weight is None else np.r_[np.zeros(50, int), np.ones(20, int), np.full(10, 2)]
+    x = x[:n]
+    y = y[:n] if candidate.class_weight is None else np.r_[np.zeros(n * 5 // 8, int), np.ones(n // 4, int),
+                                                            np.full(n // 8, 2)]
     cl = classifier()
     sel = select_head(x, y, grid=Grid(head=("linear",), source=(candidate.source,),
                                       standardize=(candidate.standardize,),

@@ -1,0 +1,250 @@
+"""L2-penalised softmax regression on every cross-validation fold at once, along a path of ``C``.
+
+:func:`fold_problem` states the folds' problems for one feature source, standardisation and class
+weighting; :func:`solve_path` solves them for each ``C`` (scikit-learn's inverse L2 strength, weight
+decay ``1/(C n)``), from strong to weak regularisation, each ``C`` warm-started from the last, and
+returns every fold's held-out probabilities. All folds share one SciPy L-BFGS-B run whose objective
+and gradient are written out in numpy: on these problems autograd and torch's Python L-BFGS cost
+20-40x the arithmetic.
+
+Two exact changes of variables make the problems small and well conditioned; the L2 penalty is
+unchanged by a rotation and the intercept (unpenalised) absorbs any centring:
+
+* fewer training rows than features (:class:`FoldDesigns`): each fold's rows are rotated onto their
+  own principal axes; the penalised solution lies in their span, so 1280 features become at most
+  the number of rows;
+* at least as many rows as features (:class:`SharedRows`): one rotation, the principal axes of all
+  rows, serves every fold, and the rows are never copied per fold: one product of all rows with the
+  stacked weights of every fold gives every fold's logits, training and held-out rows alike. That
+  reads the rows once per evaluation instead of once per fold (5x less memory traffic, which is what
+  these thin products are bound by).
+
+Each axis is then scaled by ``1 / sqrt(curvature)`` (a bound of the softmax loss' curvature, 1/4 of
+the weighted squared column norm, plus the decay), so L-BFGS sees a well-conditioned problem. The
+products with the rows run in float32 (memory-bound), the softmax, objective and optimiser state in
+float64: against all-float64 the held-out log-loss moved by < 3e-4 on both shared sets and a
+5,000-image synthetic set. A ``C`` stops once every fold's held-out log-loss has moved by less than
+:data:`HELD_OUT_TOL` over :data:`CHECK_EVERY` iterations with no held-out prediction changing:
+the selection reads nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+ROWS_DTYPE = np.float32  # the products with the rows are memory-bound: float32 halves their time
+HELD_OUT_TOL = 1e-5  # a C's solve stops when no fold's held-out log-loss moves more than this ...
+CHECK_EVERY = 5  # ... over this many iterations (and no held-out prediction changes)
+_EPS = 1e-15
+
+
+def _class_weights(target: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
+    counts = np.bincount(target, minlength=k).astype(np.float64)
+    cw = len(target) / (k * np.maximum(counts, 1)) if class_weight == "balanced" else np.ones(k)
+    return cw[target]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@dataclass
+class FoldDesigns:
+    """Each fold's training rows, centred and rotated onto their own principal axes (few rows)."""
+
+    design: np.ndarray  # (F, m, r) training rows, zero-padded
+    onehot: np.ndarray  # (F, m, k)
+    sw: np.ndarray  # (F, m) row weights, each fold summing to 1
+    held: list[np.ndarray]  # per fold: (n_te, r) held-out clean rows, same axes
+    col_sq: np.ndarray  # (F, r) weighted squared column norms (the curvature bound)
+    n_images: np.ndarray  # (F,) training images per fold (the decay scales with them)
+
+    def logits(self, w: np.ndarray) -> np.ndarray:
+        return (self.design @ w.astype(ROWS_DTYPE)).astype(np.float64)
+
+    def grad(self, g: np.ndarray) -> np.ndarray:
+        return (g.astype(ROWS_DTYPE).transpose(0, 2, 1) @ self.design).transpose(0, 2, 1)
+
+    def held_logits(self, w: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+        return [h @ w[f] + b[f] for f, h in enumerate(self.held)]
+
+
+@dataclass
+class SharedRows:
+    """Every row once, centred; one rotation for all folds; per-fold row weights select the training rows."""
+
+    rows: np.ndarray  # (N, d) every view of every image, centred, float32
+    axes: np.ndarray  # (d, r) the rotation (principal axes of all rows), float32
+    inv_scale: np.ndarray | None  # (F, d) 1 / the fold's standard deviations (standardised features), or None
+    onehot: np.ndarray  # (1, N, k)
+    sw: np.ndarray  # (F, N) row weights: zero outside the fold's training rows, each fold summing to 1
+    held_rows: list[np.ndarray]  # per fold: indices into rows of the held-out images' clean view
+    col_sq: np.ndarray  # (F, r)
+    n_images: np.ndarray  # (F,)
+
+    def _weights(self, w: np.ndarray) -> np.ndarray:
+        """(d, F*k): each fold's weights on the (centred) rows' own features."""
+        n_f, r, k = w.shape
+        full = (self.axes @ w.transpose(1, 0, 2).reshape(r, n_f * k).astype(ROWS_DTYPE)).reshape(-1, n_f, k)
+        if self.inv_scale is not None:
+            full = full * self.inv_scale.T[:, :, None]
+        return full.reshape(-1, n_f * k)
+
+    def logits(self, w: np.ndarray) -> np.ndarray:
+        n_f, _, k = w.shape
+        out = (self.rows @ self._weights(w)).astype(np.float64)  # (N, F*k)
+        return out.reshape(len(self.rows), n_f, k).transpose(1, 0, 2)
+
+    def grad(self, g: np.ndarray) -> np.ndarray:
+        n_f, n, k = g.shape
+        back = (self.rows.T @ g.transpose(1, 0, 2).reshape(n, n_f * k).astype(ROWS_DTYPE)).reshape(-1, n_f, k)
+        if self.inv_scale is not None:
+            back = back * self.inv_scale.T[:, :, None]
+        return (self.axes.T @ back.reshape(-1, n_f * k)).reshape(-1, n_f, k).transpose(1, 0, 2).astype(np.float64)
+
+    def held_logits(self, w: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+        weights = self._weights(w).reshape(self.rows.shape[1], len(w), -1)
+        return [(self.rows[idx] @ weights[:, f]).astype(np.float64) + b[f] for f, idx in enumerate(self.held_rows)]
+
+
+def fold_problem(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], standardize: bool,
+                 class_weight: str | None, k: int) -> FoldDesigns | SharedRows:
+    """The folds' problems on ``feats`` ``(n, views, d)``: train on every view, score the clean one (view 0)."""
+    n_views, dim = feats.shape[1], feats.shape[2]
+    if min(len(tr) for tr, _ in folds) * n_views >= dim:
+        return _shared_rows(feats, y, folds, standardize, class_weight, k)
+    return _fold_designs(feats, y, folds, standardize, class_weight, k)
+
+
+def _fold_stats(feats: np.ndarray, tr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """As LinearHead: mean and standard deviation of the training rows, in float32."""
+    f32 = feats[tr].reshape(-1, feats.shape[2])
+    return f32.mean(0).astype(np.float64), np.maximum(f32.std(0), 1e-6).astype(np.float64)
+
+
+def _fold_designs(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                  standardize: bool, class_weight: str | None, k: int) -> FoldDesigns:
+    n_views, dim = feats.shape[1], feats.shape[2]
+    train_rows, held, weights = [], [], []
+    for tr, te in folds:
+        rows = feats[tr].reshape(-1, dim).astype(np.float64)
+        out = feats[te, 0].astype(np.float64)
+        if standardize:
+            mean, scale = _fold_stats(feats, tr)
+            rows, out = (rows - mean) / scale, (out - mean) / scale
+        centre = rows.mean(0)
+        rows, out = rows - centre, out - centre
+        _, s, vt = np.linalg.svd(rows, full_matrices=False)
+        axes = vt[s > s[0] * 1e-10].T
+        train_rows.append(rows @ axes)
+        held.append(out @ axes)
+        weights.append(_class_weights(np.repeat(y[tr], n_views), k, class_weight))
+    m = max(len(r) for r in train_rows)
+    r = max(t.shape[1] for t in train_rows)
+    design = np.zeros((len(folds), m, r), dtype=ROWS_DTYPE)
+    onehot = np.zeros((len(folds), m, k))
+    sw = np.zeros((len(folds), m))
+    for f, (tr, _) in enumerate(folds):
+        rows = train_rows[f]
+        design[f, :len(rows), :rows.shape[1]] = rows
+        onehot[f, np.arange(len(rows)), np.repeat(y[tr], n_views)] = 1.0
+        sw[f, :len(rows)] = weights[f]
+    sw /= sw.sum(1, keepdims=True)
+    return FoldDesigns(design, onehot, sw, [np.pad(h, ((0, 0), (0, r - h.shape[1]))) for h in held],
+                       np.einsum("fm,fmr->fr", sw, design.astype(np.float64) ** 2),
+                       np.asarray([len(tr) for tr, _ in folds], dtype=np.float64))
+
+
+def _shared_rows(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                 standardize: bool, class_weight: str | None, k: int) -> SharedRows:
+    n, n_views, dim = feats.shape
+    rows = feats.reshape(-1, dim)
+    centre = rows.mean(0, dtype=np.float64)
+    rows = (rows - centre).astype(ROWS_DTYPE)
+    inv_scale = None
+    if standardize:
+        inv_scale = np.stack([1.0 / _fold_stats(feats, tr)[1] for tr, _ in folds]).astype(ROWS_DTYPE)
+        spread = 1.0 / inv_scale.mean(0)
+    else:
+        spread = np.ones(dim)
+    cov = (rows.T @ rows).astype(np.float64) / len(rows) / np.outer(spread, spread)
+    eigval, eigvec = np.linalg.eigh(cov)
+    keep = eigval > eigval.max() * 1e-12
+    image_of_row = np.repeat(np.arange(n), n_views)
+    sw = np.zeros((len(folds), len(rows)))
+    for f, (tr, _) in enumerate(folds):
+        in_fold = np.isin(image_of_row, tr)
+        sw[f, in_fold] = _class_weights(y[image_of_row[in_fold]], k, class_weight)
+    sw /= sw.sum(1, keepdims=True)
+    # the curvature of each axis, from all rows: a preconditioner only, so an estimate is enough
+    col_sq = np.broadcast_to(np.maximum(eigval[keep], 0.0), (len(folds), int(keep.sum()))).copy()
+    return SharedRows(rows, eigvec[:, keep].astype(ROWS_DTYPE), inv_scale,
+                      np.eye(k)[y[image_of_row]][None], sw, [te * n_views for _, te in folds], col_sq,
+                      np.asarray([len(tr) for tr, _ in folds], dtype=np.float64))
+
+
+class _HeldOutSettled:
+    """L-BFGS-B callback: stop once the held-out log-loss of every fold has settled (see module docstring)."""
+
+    def __init__(self, problem: FoldDesigns | SharedRows, y_held: list[np.ndarray], shape: tuple[int, int, int],
+                 scale: np.ndarray) -> None:
+        self.problem, self.y_held, self.shape, self.scale = problem, y_held, shape, scale
+        self.iteration, self.last = 0, None
+
+    def __call__(self, intermediate_result: object) -> None:
+        self.iteration += 1
+        if self.iteration % CHECK_EVERY:
+            return
+        n_f, r, k = self.shape
+        x = intermediate_result.x  # type: ignore[attr-defined]
+        w = x[:n_f * r * k].reshape(n_f, r, k) * self.scale
+        logits = self.problem.held_logits(w, x[n_f * r * k:].reshape(n_f, 1, k))
+        losses = np.asarray([_nll(z, yy).mean() for z, yy in zip(logits, self.y_held)])
+        preds = [z.argmax(1) for z in logits]
+        last, self.last = self.last, (losses, preds)
+        if last is not None and np.abs(losses - last[0]).max() < HELD_OUT_TOL and all(
+                (a == b).all() for a, b in zip(preds, last[1])):
+            raise StopIteration
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
+
+
+def solve_path(problem: FoldDesigns | SharedRows, cs: Sequence[float], k: int,
+               y_held: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Held-out probabilities ``[c][fold]`` along the C path (``y_held``: each fold's held-out labels)."""
+    from scipy.optimize import minimize
+
+    onehot, sw = problem.onehot, problem.sw
+    n_f, r = problem.col_sq.shape
+    weight, bias = np.zeros((n_f, r, k)), np.zeros((n_f, 1, k))
+    out = []
+    for c in cs:
+        decay = (1.0 / (c * problem.n_images))[:, None, None]
+        scale = 1.0 / np.sqrt(0.25 * problem.col_sq[:, :, None] + decay)  # (F, r, 1)
+
+        def objective(theta: np.ndarray, scale: np.ndarray = scale,
+                      decay: np.ndarray = decay) -> tuple[float, np.ndarray]:
+            w = theta[:n_f * r * k].reshape(n_f, r, k) * scale
+            logits = problem.logits(w) + theta[n_f * r * k:].reshape(n_f, 1, k)
+            logits -= logits.max(2, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(2, keepdims=True))
+            g = (np.exp(logp) - onehot) * sw[..., None]  # d loss / d logits
+            value = -float(((logp * onehot).sum(2) * sw).sum()) + 0.5 * float((decay * w**2).sum())
+            grad_w = (problem.grad(g) + decay * w) * scale
+            return value, np.concatenate([grad_w.ravel(), g.sum(1).ravel()])
+
+        theta0 = np.concatenate([(weight / scale).ravel(), bias.ravel()])
+        res = minimize(objective, theta0, jac=True, method="L-BFGS-B",
+                       callback=_HeldOutSettled(problem, y_held, (n_f, r, k), scale),
+                       options={"maxiter": 1000, "gtol": 1e-6, "ftol": 1e-10, "maxcor": 10})
+        weight = res.x[:n_f * r * k].reshape(n_f, r, k) * scale
+        bias = res.x[n_f * r * k:].reshape(n_f, 1, k)
+        out.append([_softmax(z) for z in problem.held_logits(weight, bias)])
+    return out
