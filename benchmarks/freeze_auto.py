@@ -61,24 +61,6 @@ def split_manifests(data: Path, work: Path, test: float) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def write_digits(root: Path, per_class: int) -> Path:
-    """scikit-learn's handwritten digits as class folders of 64x64 grey PNGs (the first ``per_class`` each)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    seen: dict[int, int] = {}
-    for image, label in zip(digits.images, digits.target):
-        if seen.get(int(label), 0) >= per_class:
-            continue
-        seen[int(label)] = seen.get(int(label), 0) + 1
-        folder = root / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = (255 - image * 255 / 16).astype(np.uint8)  # dark ink on white
-        Image.fromarray(pixels).resize((64, 64), Image.BILINEAR).save(folder / f"{label}_{seen[int(label)]:03d}.png")
-    return root
-
-
 def test_losses(run_path: Path, test_csv: Path) -> tuple[np.ndarray, np.ndarray]:
     """Per-image log-loss and correctness of a saved run on the test manifest."""
     from headstart.cache import FeatureCache
@@ -124,6 +106,8 @@ def main() -> None:
             sys.exit(f"{data} not found: give DATA folders (the shared sets live in ../shared/data)")
     work_root = args.work or Path(tempfile.mkdtemp(prefix="headstart-freeze-auto-"))
     if args.digits:
+        from package_sets import write_digits
+
         args.data.append(write_digits(work_root / "sources" / "digits", args.digits))
     for data in args.data:
         work = work_root / data.name

@@ -2,9 +2,11 @@
 
 usage:
     python benchmarks/selection.py [DATA ...] [--outer 5] [--outer-seeds 3] [--cache-dir DIR] [--synthetic 5000]
-                                   [--skip-nested]
+                                   [--skip-nested] [--digits N] [--faces]
 
-DATA defaults to both sets of ../shared/data. For each set the features are extracted (or read from
+DATA defaults to both sets of ../shared/data; --digits N (scikit-learn's digits, N per class) and
+--faces (scikit-image's lfw_subset, 100 faces and 100 non-faces) add sets built from images that
+installed packages ship (benchmarks/package_sets.py). For each set the features are extracted (or read from
 the cache) once; then, on the same outer folds (stratified, identical files grouped; 3 outer splits
 shuffled with seeds 0, 1, 2, errors summed: one split's verdict moves with 1-2 images):
 
@@ -150,10 +152,21 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: headstart's)")
     parser.add_argument("--synthetic", type=int, default=5000, help="images of the synthetic timing set (0 = skip)")
     parser.add_argument("--skip-nested", action="store_true", help="timing only")
+    parser.add_argument("--digits", type=int, default=0, metavar="N",
+                        help="also scikit-learn's digits, N per class (default 0: off)")
+    parser.add_argument("--faces", action="store_true", help="also scikit-image's lfw_subset faces / non-faces")
     args = parser.parse_args()
     for data in args.data:
         if not data.is_dir():
             sys.exit(f"{data} not found: give DATA folders (the shared sets live in ../shared/data)")
+    if args.digits or args.faces:
+        import tempfile
+
+        from package_sets import write_digits, write_faces
+
+        root = Path(tempfile.mkdtemp(prefix="headstart-selection-sets-"))
+        args.data += [write_digits(root / "digits", args.digits)] if args.digits else []
+        args.data += [write_faces(root / "faces")] if args.faces else []
     for data in args.data:
         x, y, groups, classifier = features(data, args.cache_dir)
         print(f"\n== {data.name}: {len(y)} images, {y.max() + 1} classes, {x.shape[1]} features")
