@@ -16,7 +16,7 @@ unchanged by a rotation and the intercept (unpenalised) absorbs any centring:
 * at least as many rows as features (:class:`SharedRows`): one rotation, the principal axes of all
   rows, serves every fold, and the rows are never copied per fold: one product of all rows with the
   stacked weights of every fold gives every fold's logits, training and held-out rows alike. That
-  reads the rows once per evaluation instead of once per fold (5x less memory traffic, which is what
+  reads the rows once per evaluation instead of once per fold (4x less memory traffic with 5 folds, which is what
   these thin products are bound by).
 
 Each axis is then scaled by ``1 / sqrt(curvature)`` (a bound of the softmax loss' curvature, 1/4 of
