@@ -26,7 +26,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -38,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -191,9 +191,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     """Nested state (tensors, numbers, strings, dicts, lists) as safetensors + JSON, atomically, no pickle."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten("s", state, tensors)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, safetensors_bytes(tensors))
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(skeleton).encode())
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.utils.multiclass import check_classification_targets
@@ -205,9 +206,7 @@ class _Head(ClassifierMixin, BaseEstimator):
             "classes": [c.item() if hasattr(c, "item") else c for c in self.classes_],
             "n_features_in": int(self.n_features_in_),
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"headstart": "head"})
-        os.replace(tmp, path)
+        atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"headstart": "head"}))
         atomic_write_bytes(path.with_name(path.name + ".json"), json.dumps(meta, indent=2).encode())
 
 
