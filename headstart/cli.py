@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("the head (chosen by cross-validation unless --select none)")
     g.add_argument("--select", choices=["cv", "none"], default="cv",
                    help="cv = try a grid of head settings on the cached features with k-fold CV, keep the best by "
-                        "log-loss and refit it on every training image (default); none = train one fixed head")
+                        "log-loss at its own temperature and refit it on every training image, temperature folded "
+                        "in (default); none = train one fixed head")
     g.add_argument("--cv", type=int, default=None,
                    help="folds of the selection (default 5; fewer when a class is smaller); with --select none, "
                         "report K-fold CV accuracy of the fixed head (default: off)")
