@@ -358,8 +358,8 @@ def load_images(
     Args:
         source: a class-folder tree, a folder with ``train/`` and ``val/`` trees (also ``Train/``,
             ``training/``, ``valid/``, ``validation/``, ``test/``), or a ``.csv`` manifest.
-        val_split: fraction of each class held out (stratified, seeded) when the data has no
-            validation folder; ``0`` keeps every image for training.
+        val_split: fraction of each class held out (stratified, seeded, byte-identical files on one
+            side) when the data has no validation folder; ``0`` keeps every image for training.
         seed: seed of the split.
         min_classes: fewest classes accepted (2 to train; 1 to evaluate or extract).
 
@@ -413,10 +413,28 @@ def load_images(
     _check_classes(images, f"'{path}'", min_classes)
     if val_split == 0:
         return LoadedData(images, None, layout, bad, notes=notes)
-    train_idx, val_idx = stratified_split(images.labels, val_split, seed)
+    train_idx, val_idx = stratified_split(images.labels, val_split, seed, groups=content_groups(images.paths))
     val = images.subset(val_idx) if len(val_idx) else None
     return LoadedData(images.subset(train_idx), val, layout, bad, val_from="split" if val else "none",
                       notes=notes)
+
+
+def content_groups(paths: Sequence[Path]) -> list[str]:
+    """One key per file, equal for byte-identical files (SHA-256 of the bytes; the path if unreadable).
+
+    The split of :func:`load_images` keeps each group on one side, so a duplicated photo cannot be
+    both trained on and scored.
+    """
+    import hashlib
+
+    keys = []
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                keys.append(hashlib.sha256(handle.read()).hexdigest())
+        except OSError:
+            keys.append(f"unreadable:{path}")
+    return keys
 
 
 def list_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[BadFile]]:

@@ -316,6 +316,20 @@ def test_split_keeps_identical_files_together():
     assert len(val) % 2 == 0 and len(val) > 0
 
 
+def test_load_images_split_keeps_copies_of_a_file_on_one_side(tmp_path):
+    import shutil
+
+    root = make_tree(tmp_path / "d", per_class=6)
+    for cls in ("red", "blue"):  # every image twice, under another name
+        for path in sorted((root / cls).iterdir()):
+            shutil.copy(path, path.with_name("copy_" + path.name))
+    for seed in range(5):
+        data = load_images(root, val_split=0.3, seed=seed)
+        train, val = {p.name for p in data.train.paths}, {p.name for p in data.val.paths}
+        assert val and all(("copy_" + n in val) for n in val if not n.startswith("copy_"))
+        assert not any(n.removeprefix("copy_") in train or "copy_" + n in train for n in val)
+
+
 def test_single_class_is_fine_for_evaluation(tmp_path):
     make_tree(tmp_path / "d", classes=("red",), per_class=2)
     assert load_images(tmp_path / "d", val_split=0, min_classes=1).train.class_names == ["red"]
