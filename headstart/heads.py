@@ -246,6 +246,21 @@ class LinearHead(_Head):
     def _build(self, n_features: int, n_classes: int) -> nn.Module:
         return nn.Sequential(_Standardize(n_features), nn.Linear(n_features, n_classes))
 
+    @classmethod
+    def from_layer(cls, layer: nn.Linear, classes: Any) -> LinearHead:
+        """A fitted head (no standardisation) computing ``layer``, e.g. a fine-tuned network's classifier.
+
+        ``classes`` names the layer's outputs in order. The weights are copied.
+        """
+        head = cls()
+        head.module_ = head._build(layer.in_features, layer.out_features).eval()
+        with torch.no_grad():
+            head.module_[1].weight.copy_(layer.weight)
+            head.module_[1].bias.copy_(layer.bias)
+        head.classes_ = np.asarray(classes)
+        head.n_features_in_ = layer.in_features
+        return head
+
     def validate_params(self) -> None:
         """Raise :class:`UsageError` for a setting that cannot work (``fit`` calls this first)."""
         if self.weight_decay is not None and not (

@@ -346,9 +346,10 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
                      out: Path, progress: bool, start: float, auto: dict[str, Any] | None = None) -> Run:
     """The fine-tuning branch of :func:`train` (``freeze`` is not ``all``)."""
     from .backbones import state_dict_digest
+    from .calibration import scale_head
     from .features import AugmentedTransform
     from .finetune import FinetuneConfig, cleanup, finetune
-    from .heads import LinearHead, _Standardize
+    from .heads import LinearHead
 
     ft_cfg = FinetuneConfig(**config.finetune)
     plan_names = stage_plan(bb.model, whole_ok=n_frozen == 0).names
@@ -375,13 +376,9 @@ def _train_finetuned(config: TrainConfig, data: Any, loaded: LoadedData, train_s
     model = result.model
     backbone_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     digest = state_dict_digest(model.backbone)
-    head = LinearHead()
+    head = LinearHead.from_layer(model.head, train_set.class_names)
     if auto is not None and auto.get("temperature"):  # --freeze auto compared the model at this temperature
-        model.head.weight.data /= auto["temperature"]
-        model.head.bias.data /= auto["temperature"]
-    head.module_ = _nn_sequential(_Standardize(bb.num_features), model.head)
-    head.classes_ = np.asarray(train_set.class_names)
-    head.n_features_in_ = bb.num_features
+        scale_head(head, auto["temperature"])
     train_paths = {str(p) for p in train_set.paths}
     n_used = len(train_set) - sum(1 for b in result.bad_files if b.path in train_paths)
     metrics: dict[str, Any] = {"n_train": n_used, "best_epoch": result.best_epoch,
@@ -458,10 +455,6 @@ def _auto_freeze(config: TrainConfig, bb: Backbone, train_set: ImageSet, val_set
     return choice.freeze, config, choice.report()
 
 
-def _nn_sequential(*modules: Any) -> Any:
-    from torch import nn
-
-    return nn.Sequential(*modules).eval()
 
 
 def _resolve_precision_for(precision: str) -> str:

@@ -262,3 +262,20 @@ def test_clone_pipeline_and_cross_val_score(make):
     pipe.set_params(head__weight_decay=0.5)
     assert pipe.get_params(deep=True)["head__weight_decay"] == 0.5 == pipe.named_steps["head"].weight_decay
     assert cross_val_score(pipe, x, y, cv=3).mean() > 0.9
+
+
+def test_from_layer_wraps_a_trained_classifier_and_round_trips(tmp_path):
+    import torch
+
+    layer = torch.nn.Linear(6, 3)
+    x = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    head = LinearHead.from_layer(layer, ["a", "b", "c"])
+    expected = torch.softmax(layer(torch.from_numpy(x)), 1).detach().numpy()
+    np.testing.assert_allclose(head.predict_proba(x), expected, atol=1e-6)
+    with torch.no_grad():
+        layer.weight.zero_()  # a copy: the source layer may change afterwards
+    np.testing.assert_allclose(head.predict_proba(x), expected, atol=1e-6)
+    head.save(tmp_path / "h.safetensors")
+    loaded = load_head(tmp_path / "h.safetensors")
+    assert list(loaded.classes_) == ["a", "b", "c"]
+    np.testing.assert_allclose(loaded.predict_proba(x), expected, atol=1e-6)
