@@ -173,7 +173,10 @@ def _shared_rows(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndar
         spread = np.ones(dim)
     cov = (rows.T @ rows).astype(np.float64) / len(rows) / np.outer(spread, spread)
     eigval, eigvec = np.linalg.eigh(cov)
-    keep = eigval > eigval.max() * 1e-12
+    # axes with no variance carry no solution when every fold sees the same rows; with per-fold
+    # standardisation a non-axis-aligned null direction (e.g. logits, a linear map of pooled) moves
+    # with the fold's scaling, so every axis is kept to stay exact
+    keep = eigval > eigval.max() * 1e-12 if inv_scale is None else np.ones(len(eigval), dtype=bool)
     image_of_row = np.repeat(np.arange(n), n_views)
     sw = np.zeros((len(folds), len(rows)))
     for f, (tr, _) in enumerate(folds):
