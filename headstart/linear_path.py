@@ -35,16 +35,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibration import nll
+from .heads import _class_weights
+
 ROWS_DTYPE = np.float32  # the products with the rows are memory-bound: float32 halves their time
 HELD_OUT_TOL = 1e-5  # a C's solve stops when no fold's held-out log-loss moves more than this ...
 CHECK_EVERY = 5  # ... over this many iterations (and no held-out prediction changes)
 _EPS = 1e-15
 
 
-def _class_weights(target: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
-    counts = np.bincount(target, minlength=k).astype(np.float64)
-    cw = len(target) / (k * np.maximum(counts, 1)) if class_weight == "balanced" else np.ones(k)
-    return cw[target]
+def _row_weights(target: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
+    """Each row's weight: its class's weight as the heads compute it."""
+    return _class_weights(target, k, class_weight, np.arange(k))[target]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -142,7 +144,7 @@ def _fold_designs(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.nda
         axes = vt[s > s[0] * 1e-10].T
         train_rows.append(rows @ axes)
         held.append(out @ axes)
-        weights.append(_class_weights(np.repeat(y[tr], n_views), k, class_weight))
+        weights.append(_row_weights(np.repeat(y[tr], n_views), k, class_weight))
     m = max(len(r) for r in train_rows)
     r = max(t.shape[1] for t in train_rows)
     design = np.zeros((len(folds), m, r), dtype=ROWS_DTYPE)
@@ -181,7 +183,7 @@ def _shared_rows(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndar
     sw = np.zeros((len(folds), len(rows)))
     for f, (tr, _) in enumerate(folds):
         in_fold = np.isin(image_of_row, tr)
-        sw[f, in_fold] = _class_weights(y[image_of_row[in_fold]], k, class_weight)
+        sw[f, in_fold] = _row_weights(y[image_of_row[in_fold]], k, class_weight)
     sw /= sw.sum(1, keepdims=True)
     # the curvature of each axis, from all rows: a preconditioner only, so an estimate is enough
     col_sq = np.broadcast_to(np.maximum(eigval[keep], 0.0), (len(folds), int(keep.sum()))).copy()
@@ -206,17 +208,12 @@ class _HeldOutSettled:
         x = intermediate_result.x  # type: ignore[attr-defined]
         w = x[:n_f * r * k].reshape(n_f, r, k) * self.scale
         logits = self.problem.held_logits(w, x[n_f * r * k:].reshape(n_f, 1, k))
-        losses = np.asarray([_nll(z, yy).mean() for z, yy in zip(logits, self.y_held)])
+        losses = np.asarray([nll(z, yy).mean() for z, yy in zip(logits, self.y_held)])
         preds = [z.argmax(1) for z in logits]
         last, self.last = self.last, (losses, preds)
         if last is not None and np.abs(losses - last[0]).max() < HELD_OUT_TOL and all(
                 (a == b).all() for a, b in zip(preds, last[1])):
             raise StopIteration
-
-
-def _nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    return np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
 
 
 def solve_path(problem: FoldDesigns | SharedRows, cs: Sequence[float], k: int,
