@@ -23,15 +23,9 @@ from .cache import FeatureCache
 from .data import BadFile, ImageSet, list_image_paths, load_images
 from .errors import DataError, UsageError
 from .features import extract_features
-from .inference import (
-    AnyRun,
-    EnsembleRun,
-    combine_runs,
-    load_run,
-    members_of,
-    run_probabilities,
-)
+from .inference import run_probabilities
 from .metrics import classification_metrics
+from .runs import AnyRun, EnsembleRun, combine_runs, load_run, members_of
 from .sweep import sweep  # noqa: F401  (part of this API)
 from .training import TrainConfig, train  # noqa: F401  (part of this API)
 

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import FeatureCache, atomic_write_bytes
+from ._constants import DEFAULT_AUG_VIEWS  # noqa: F401  (also importable from here)
+from ._io import atomic_write_bytes
+from ._validation import check_preset
+from .cache import FeatureCache
 from .data import ImageDecodeError, decode_image, load_images
 from .errors import DataError, UsageError
 
-DEFAULT_AUG_VIEWS = 8
 PCA_PIXELS_PER_IMAGE = 4096
 
 
@@ -67,10 +69,9 @@ def build_training_pipeline(preset: str, size: Sequence[int], overrides: dict[st
                             train_paths: Sequence[Path], cache: FeatureCache, *, seed: int = 0,
                             progress: bool = True) -> Any:
     """The augmentation pipeline for a run, with PCA colour statistics fitted on its training images."""
-    from .transforms import PRESETS, build_pipeline
+    from .transforms import build_pipeline
 
-    if preset not in PRESETS:
-        raise UsageError(f"augment must be one of {', '.join(PRESETS)}; got '{preset}'")
+    check_preset(preset)
     pipeline = build_pipeline(preset, size=tuple(size), overrides=overrides)
     if pipeline_uses_pca(pipeline):
         stats = pca_stats_for(train_paths, cache, seed=seed, progress=progress)

@@ -26,9 +26,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ._constants import DEFAULT_BACKBONE
 from .errors import UnknownBackboneError, UsageError, WeightsError
-
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
 @dataclass(frozen=True)
@@ -266,7 +265,8 @@ def packaged_state_dict(name: str) -> dict[str, torch.Tensor]:
     return lukemelas_to_timm(source, timm.create_model(name, pretrained=False))
 
 
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a ``.safetensors`` or ``.pth`` file (loaded with ``weights_only=True``)."""
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' does not exist")
     try:
@@ -289,10 +289,12 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+
+
 def _load_file_weights(model: nn.Module, path: Path, name: str) -> None:
     import timm
 
-    state = _read_weights_file(path)
+    state = read_weights_file(path)
     if any(k.startswith("_blocks.") for k in state) and hasattr(model, "blocks"):
         full = timm.create_model(name, pretrained=False)
         state = lukemelas_to_timm(state, full)

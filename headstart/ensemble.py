@@ -2,7 +2,8 @@
 
 Members differ in seed and bootstrap sample (:func:`bootstrap_indices`), or in backbone. They must
 predict the same classes in the same order (:func:`check_compatible`); their probabilities are then
-averaged, optionally weighted (:func:`average_probabilities`).
+averaged, optionally weighted (:func:`average_probabilities`). A head's probability columns follow its
+own classes; :func:`align_classes` puts them in a run's class order.
 
 Example:
     >>> check_compatible([run_a.class_names, run_b.class_names], ["run_a", "run_b"])  # doctest: +SKIP
@@ -56,6 +57,21 @@ def average_probabilities(probas: Sequence[np.ndarray], weights: Sequence[float]
             raise UsageError(f"weights must be finite, >= 0 and not all 0; got {w.tolist()}")
         w = w / w.sum()
     return np.tensordot(w, np.stack(arrays), axes=1)
+
+
+def align_classes(proba: np.ndarray, head_classes: Sequence[object], class_names: Sequence[str]) -> np.ndarray:
+    """Columns of ``proba`` (ordered as ``head_classes``) rearranged to ``class_names``; absent classes get 0.
+
+    Example:
+        >>> align_classes(np.array([[0.9, 0.1]]), ["b", "a"], ["a", "b", "c"])
+        array([[0.1, 0.9, 0. ]])
+    """
+    out = np.zeros((len(proba), len(class_names)))
+    position = {str(c): i for i, c in enumerate(head_classes)}
+    for j, name in enumerate(class_names):
+        if name in position:
+            out[:, j] = proba[:, position[name]]
+    return out
 
 
 def check_compatible(class_lists: Sequence[Sequence[str]], names: Sequence[str]) -> None:

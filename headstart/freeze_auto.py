@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._constants import DEFAULT_BUDGET_MINUTES
 from .backbones import Backbone
 from .cache import FeatureCache
 from .calibration import calibrated_losses, fit_temperature
 from .data import ImageSet, stratified_split
 from .errors import UsageError
 
-DEFAULT_BUDGET_MINUTES = 10.0  # ~600 images on 2 CPU cores: the frozen head and 2-3 cut points fit
 MIN_MARGIN = 0.01  # held-out log-loss a costlier candidate must gain at the least, whatever the noise
 HELD_OUT = 0.2  # fraction of each class held out to compare the candidates (when there is no val/)
 AUTO_AUGMENT = "standard"  # augmentation of the fine-tuning candidates when --augment is not given
@@ -168,14 +168,14 @@ def held_out_split(train_set: ImageSet, val_set: ImageSet | None, cache: Feature
 
 def stage_seconds(backbone: Backbone, precision: str, device: torch.device, batch: int = 8) -> list[float]:
     """Seconds per image of a forward pass through each stage, then the tail (one timed batch)."""
-    from .features import _autocast
+    from .preprocess import autocast
     from .stages import stage_plan
 
     plan = stage_plan(backbone.model, whole_ok=True)
     backbone.model.to(device).eval()
     x = torch.zeros(batch, *backbone.data_config["input_size"], device=device)
     out = []
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision):
         plan.run(x)  # warm-up
         for i in range(len(plan)):
             t0 = time.perf_counter()

@@ -33,10 +33,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from .cache import atomic_write_bytes
+from ._constants import DEFAULT_MLP_HIDDEN, HEAD_TYPES  # noqa: F401  (HEAD_TYPES: also importable from here)
+from ._io import atomic_write_bytes
+from ._validation import check_head_type, check_positive_int
 from .errors import NotFittedError, RunError, UsageError
-
-HEAD_TYPES = ("linear", "mlp")
 
 
 class _Standardize(nn.Module):
@@ -62,7 +62,8 @@ def _usage_error(exc: ValueError) -> UsageError:
     return UsageError(message)
 
 
-def _class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.ndarray) -> np.ndarray:
+def class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.ndarray) -> np.ndarray:
+    """Per-class loss weights for labels ``y`` (indices into ``classes``): ones, ``balanced``, or a dict."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     if class_weight is None:
         return np.ones(n_classes)
@@ -74,6 +75,8 @@ def _class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np
             raise UsageError(f"class_weight names unknown classes {sorted(map(str, unknown))}")
         return np.asarray([float(class_weight.get(c.item() if hasattr(c, "item") else c, 1.0)) for c in classes])
     raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
+
+
 
 
 def _check_class_weight(class_weight: Any) -> None:
@@ -266,8 +269,7 @@ class LinearHead(_Head):
         if self.weight_decay is not None and not (
                 isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise UsageError(f"weight_decay must be None or a number >= 0; got {self.weight_decay!r}")
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
-            raise UsageError(f"max_iter must be a positive integer; got {self.max_iter!r}")
+        check_positive_int(self.max_iter, "max_iter")
         _check_class_weight(self.class_weight)
 
     def fit(self, X: Any, y: Any) -> LinearHead:
@@ -296,7 +298,7 @@ class LinearHead(_Head):
         nn.init.zeros_(linear.bias)
         xs = module[0](_tensor(X)).double()
         yt = torch.from_numpy(target)
-        sw = torch.from_numpy(_class_weights(target, k, self.class_weight, self.classes_))[yt]
+        sw = torch.from_numpy(class_weights(target, k, self.class_weight, self.classes_))[yt]
         weight = torch.zeros(X.shape[1], k, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(k, dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=self.max_iter, history_size=20,
@@ -340,8 +342,9 @@ class MLPHead(_Head):
 
     kind = "mlp"
 
-    def __init__(self, hidden: int = 512, dropout: float = 0.3, weight_decay: float = 1e-2, lr: float = 1e-3,
-                 epochs: int | None = None, batch_size: int = 64, class_weight: Any = None, seed: int = 0) -> None:
+    def __init__(self, hidden: int = DEFAULT_MLP_HIDDEN, dropout: float = 0.3, weight_decay: float = 1e-2,
+                 lr: float = 1e-3, epochs: int | None = None, batch_size: int = 64, class_weight: Any = None,
+                 seed: int = 0) -> None:
         self.hidden = hidden
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -358,10 +361,8 @@ class MLPHead(_Head):
     def validate_params(self) -> None:
         """Raise :class:`UsageError` for a setting that cannot work (``fit`` calls this first)."""
         for name in ("hidden", "epochs", "batch_size"):
-            if name == "epochs" and self.epochs is None:
-                continue
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-                raise UsageError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+            if name != "epochs" or self.epochs is not None:
+                check_positive_int(getattr(self, name), name)
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise UsageError(f"dropout must be in [0, 1); got {self.dropout!r}")
         for name in ("weight_decay", "lr"):
@@ -390,7 +391,7 @@ class MLPHead(_Head):
         module[0] = self._standardizer(X.reshape(-1, X.shape[2]))
         xt = _tensor(X)
         yt = torch.from_numpy(target)
-        cw = torch.from_numpy(_class_weights(target, k, self.class_weight, self.classes_)).float()
+        cw = torch.from_numpy(class_weights(target, k, self.class_weight, self.classes_)).float()
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = math.ceil(n / self.batch_size)
         epochs = self.epochs if self.epochs is not None else max(10, math.ceil(600 / steps_per_epoch))
@@ -418,9 +419,8 @@ def make_head(kind: str = "linear", **params: Any) -> LinearHead | MLPHead:
     """Create a head by type name (``linear`` or ``mlp``)."""
     if kind == "linear":
         return LinearHead(**params)
-    if kind == "mlp":
-        return MLPHead(**params)
-    raise UsageError(f"head must be one of {', '.join(HEAD_TYPES)}; got '{kind}'")
+    check_head_type(kind)
+    return MLPHead(**params)
 
 
 def load_head(path: str | os.PathLike[str]) -> LinearHead | MLPHead:

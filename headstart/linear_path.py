@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .calibration import nll
-from .heads import _class_weights
+from .heads import class_weights
 
 ROWS_DTYPE = np.float32  # the products with the rows are memory-bound: float32 halves their time
 HELD_OUT_TOL = 1e-5  # a C's solve stops when no fold's held-out log-loss moves more than this ...
@@ -46,7 +46,7 @@ _EPS = 1e-15
 
 def _row_weights(target: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
     """Each row's weight: its class's weight as the heads compute it."""
-    return _class_weights(target, k, class_weight, np.arange(k))[target]
+    return class_weights(target, k, class_weight, np.arange(k))[target]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

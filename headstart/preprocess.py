@@ -8,15 +8,17 @@ signature* that is part of every feature-cache key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from ._constants import PRECISIONS
+
 #: Bump when the resize/crop code path changes in a way that changes pixel values.
 PREPROCESS_VERSION = "timm-pil-1"
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def eval_transform(data_config: dict[str, Any]):
@@ -55,6 +57,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Run the block in ``precision`` (a resolved one): bf16/fp16 autocast on ``device``, nothing for fp32."""
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
 
 
 @functools.lru_cache(maxsize=1)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .cache import atomic_write_bytes
+from ._io import atomic_write_bytes
+from ._validation import check_positive_int
 from .errors import UsageError
 from .metrics import classification_metrics
 
@@ -86,8 +87,7 @@ def reliability_curve(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dic
         mean confidence and accuracy are NaN in empty bins.
     """
     proba, y = _check_proba(proba, y)
-    if not (isinstance(n_bins, int) and n_bins >= 1):
-        raise UsageError(f"n_bins must be a positive integer; got {n_bins!r}")
+    check_positive_int(n_bins, "n_bins")
     confidence = proba.max(axis=1) if len(proba) else np.zeros(0)
     correct = (proba.argmax(axis=1) == y) if len(proba) else np.zeros(0, dtype=bool)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -368,39 +368,16 @@ def write_report(
     """
     proba, y = _check_proba(proba, y_true)
     names = [str(n) for n in class_names]
-    if proba.shape[1] != len(names):
-        raise UsageError(f"proba has {proba.shape[1]} columns but there are {len(names)} class names")
-    if len(image_paths) != len(proba):
-        raise UsageError(f"image_paths has {len(image_paths)} entries but proba has {len(proba)} rows")
-    if not (isinstance(top_k, int) and top_k >= 1):
-        raise UsageError(f"top_k must be a positive integer; got {top_k!r}")
-    if evaluation.get("class_names") is not None and list(evaluation["class_names"]) != names:
-        raise UsageError("evaluation['class_names'] differs from class_names; pass the run's class names in the "
-                         "order of the probability columns")
-    top = min(top_k, len(names))
+    top = _check_report_inputs(proba, names, image_paths, top_k, evaluation)
     metrics = {**classification_metrics(y, proba, names, top_k=top), **evaluation}
     matrix = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
     if matrix.shape != (len(names), len(names)):
         raise UsageError(f"evaluation['confusion_matrix'] has shape {matrix.shape}; expected "
                          f"({len(names)}, {len(names)}) for {len(names)} classes")
-    curve = reliability_curve(proba, y)
-    ece = expected_calibration_error(proba, y)
-    meta = [f"{key}: {metrics[key]}" for key in ("run", "data") if metrics.get(key)]
-    other_topk = sorted(k for k in metrics if re.fullmatch(r"top\d+_accuracy", k) and k != f"top{top}_accuracy")
-    meta += [f"{k.replace('_', ' ')}: {_percent(metrics[k])}" for k in other_topk]
-    parts = [f"<h1>{_e(title)}</h1>", f'<p class="meta">{_e(" · ".join(meta))}</p>' if meta else "",
-             _section("summary", "Summary", _summary(metrics, top, ece)),
-             _section("per-class", "Per-class precision, recall and F1", _per_class(metrics, names))]
-    parts.append(_section("confusion", "Confusion matrix",
-                          "<p>Rows: true class; columns: predicted class; shade: fraction of the row.</p>"
-                          + _img(_confusion_plot(matrix, names), "confusion matrix")))
-    parts.append(_section("calibration", "Calibration",
-                          f"<p>Expected calibration error (15 bins): <b>{ece:.4f}</b>. Bars below the diagonal "
-                          "mean the model is more confident than it is accurate.</p>"
-                          + _img(_reliability_plot(curve, ece), "reliability diagram")))
+    parts = [f"<h1>{_e(title)}</h1>", _meta(metrics, top), *_sections(metrics, matrix, proba, y, names, top),
+             _section("mistakes", "Most confident mistakes", _mistakes(proba, y, names, image_paths, n_mistakes))]
     if curves:
-        parts.append(_section("curves", "Training curves", _img(_curves_plot(curves), "training curves")))
-    parts.append(_section("mistakes", "Most confident mistakes", _mistakes(proba, y, names, image_paths, n_mistakes)))
+        parts.insert(-1, _section("curves", "Training curves", _img(_curves_plot(curves), "training curves")))
     if selection:
         parts.append(_section("selection", "Head selection", _selection(selection)))
     if ablation:
@@ -412,3 +389,41 @@ def write_report(
     out = Path(path)
     atomic_write_bytes(out, page.encode("utf-8"))
     return out
+
+
+def _check_report_inputs(proba: np.ndarray, names: list[str], image_paths: Sequence[str], top_k: Any,
+                         evaluation: dict[str, Any]) -> int:
+    """Raise :class:`UsageError` when the arguments of :func:`write_report` disagree; returns the top-k shown."""
+    if proba.shape[1] != len(names):
+        raise UsageError(f"proba has {proba.shape[1]} columns but there are {len(names)} class names")
+    if len(image_paths) != len(proba):
+        raise UsageError(f"image_paths has {len(image_paths)} entries but proba has {len(proba)} rows")
+    check_positive_int(top_k, "top_k")
+    if evaluation.get("class_names") is not None and list(evaluation["class_names"]) != names:
+        raise UsageError("evaluation['class_names'] differs from class_names; pass the run's class names in the "
+                         "order of the probability columns")
+    return min(top_k, len(names))
+
+
+def _meta(metrics: dict[str, Any], top: int) -> str:
+    """The line under the title: run, data, and the top-k accuracies other than the summary's."""
+    meta = [f"{key}: {metrics[key]}" for key in ("run", "data") if metrics.get(key)]
+    other_topk = sorted(k for k in metrics if re.fullmatch(r"top\d+_accuracy", k) and k != f"top{top}_accuracy")
+    meta += [f"{k.replace('_', ' ')}: {_percent(metrics[k])}" for k in other_topk]
+    return f'<p class="meta">{_e(" · ".join(meta))}</p>' if meta else ""
+
+
+def _sections(metrics: dict[str, Any], matrix: np.ndarray, proba: np.ndarray, y: np.ndarray, names: list[str],
+              top: int) -> list[str]:
+    """Summary, per-class table, confusion matrix and calibration."""
+    curve = reliability_curve(proba, y)
+    ece = expected_calibration_error(proba, y)
+    return [_section("summary", "Summary", _summary(metrics, top, ece)),
+            _section("per-class", "Per-class precision, recall and F1", _per_class(metrics, names)),
+            _section("confusion", "Confusion matrix",
+                     "<p>Rows: true class; columns: predicted class; shade: fraction of the row.</p>"
+                     + _img(_confusion_plot(matrix, names), "confusion matrix")),
+            _section("calibration", "Calibration",
+                     f"<p>Expected calibration error (15 bins): <b>{ece:.4f}</b>. Bars below the diagonal "
+                     "mean the model is more confident than it is accurate.</p>"
+                     + _img(_reliability_plot(curve, ece), "reliability diagram"))]

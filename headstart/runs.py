@@ -8,8 +8,16 @@
       head.safetensors.json  head type, parameters, classes
       metrics.json           validation / cross-validation metrics
       bad_files.json         files skipped during training, with reasons
+      backbone.safetensors   fine-tuned runs: the tuned backbone's weights
+      metrics.jsonl          fine-tuned runs: one line of metrics per epoch
 
-The folder is written under a temporary name and renamed into place, so a crash never leaves a
+An *ensemble run* is a folder whose ``run.json`` says ``"type": "ensemble"`` and lists member runs
+stored inside it (``members/0``, ``members/1`` ...); every member is a complete single run, so
+evaluating an ensemble reuses everything a single run does. :func:`load_run` reads either kind.
+
+Both kinds are written by one writer: each file it writes goes through
+:func:`~headstart.cache.atomic_write_bytes` (fsync) into a folder with a temporary name (an ensemble's
+members are moved or copied in), which is then renamed into place, so a crash never leaves a
 half-written run where a complete one was expected.
 """
 
@@ -19,12 +27,15 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError
+from ._io import atomic_write_bytes
+from .ensemble import check_compatible
+from .errors import RunError, UsageError
 from .heads import LinearHead, MLPHead, load_head
 
 RUN_FORMAT = 1
@@ -92,27 +103,147 @@ def check_out_folder(out: Path) -> None:
         raise RunError(f"--out '{out}' exists and is not a headstart run; choose a new folder or remove it")
 
 
-def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metrics: dict[str, Any],
-              bad_files: list[dict[str, str]], extra: dict[str, Callable[[Path], Any]] | None = None) -> Path:
-    """Write a complete run folder to ``out`` atomically (build aside, then rename into place).
+@dataclass
+class EnsembleRun:
+    """Members (complete single runs inside the folder) whose probabilities are averaged."""
+
+    path: Path
+    info: dict[str, Any]
+    members: list[Run]
+    weights: list[float]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info["class_names"])
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.info.get("metrics", {})
+
+
+AnyRun = Run | EnsembleRun
+
+
+def load_run(path: str | os.PathLike[str]) -> AnyRun:
+    """Load a single or an ensemble run."""
+    path = Path(path)
+    info_path = path / RUN_FILE
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise RunError(f"run '{path}' is damaged ({exc}); train it again") from None
+        if info.get("type") == "ensemble":
+            members = [Run.load(path / m["path"]) for m in info.get("members", [])]
+            if not members:
+                raise RunError(f"ensemble run '{path}' lists no members")
+            return EnsembleRun(path, info, members, [float(m.get("weight", 1.0)) for m in info["members"]])
+    return Run.load(path)
+
+
+def members_of(run: AnyRun) -> list[Run]:
+    """The single runs of ``run``: its members, or the run itself."""
+    return run.members if isinstance(run, EnsembleRun) else [run]
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to fill; on success it replaces ``out`` (renames), on failure it is removed.
 
     An existing run at ``out`` is replaced; an existing folder that is not a run and not empty is
     refused, so a typo cannot wipe unrelated files.
     """
-    out = Path(out)
     check_out_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
     staging.mkdir()
     try:
-        head.save(staging / HEAD_FILE)
-        for name, writer in (extra or {}).items():  # e.g. fine-tuned backbone weights, per-epoch metrics
-            writer(staging / name)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        (staging / "bad_files.json").write_text(json.dumps(bad_files, indent=2), encoding="utf-8")
-        (staging / RUN_FILE).write_text(json.dumps({"format": RUN_FORMAT, **info}, indent=2), encoding="utf-8")
+        yield staging
         swap_into_place(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, json.dumps(value, indent=2).encode("utf-8"))
+
+
+def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metrics: dict[str, Any],
+              bad_files: list[dict[str, str]], extra: dict[str, bytes] | None = None) -> Path:
+    """Write a complete single run folder to ``out`` atomically (built aside, then renamed into place).
+
+    Args:
+        extra: more files of the run by name, e.g. fine-tuned backbone weights or per-epoch metrics.
+    """
+    out = Path(out)
+    with _staged(out) as staging:
+        head.save(staging / HEAD_FILE)
+        for name, data in (extra or {}).items():
+            atomic_write_bytes(staging / name, data)
+        _write_json(staging / "metrics.json", metrics)
+        _write_json(staging / "bad_files.json", bad_files)
+        _write_json(staging / RUN_FILE, {"format": RUN_FORMAT, **info})
     return out
+
+
+def write_ensemble(out: Path, member_dirs: Sequence[Path], *, weights: Sequence[float] | None = None,
+                   move: bool = False, extra: dict[str, Any] | None = None) -> EnsembleRun:
+    """Assemble the runs in ``member_dirs`` into one ensemble run folder at ``out``.
+
+    An ensemble among them is flattened into its members, which share its weight.
+    """
+    flat: list[tuple[Run, float]] = []
+    for run, w in zip([load_run(d) for d in member_dirs], weights or [1.0] * len(member_dirs)):
+        if isinstance(run, EnsembleRun):
+            total = sum(run.weights)  # the inner ensemble as a whole gets weight w
+            flat.extend((m, w * mw / total) for m, mw in zip(run.members, run.weights))
+        else:
+            flat.append((run, float(w)))
+    return write_ensemble_run(Path(out), [m for m, _ in flat], [w for _, w in flat], move=move, extra=extra)
+
+
+def write_ensemble_run(out: Path, members: Sequence[Run], weights: Sequence[float], *, move: bool = False,
+                       extra: dict[str, Any] | None = None) -> EnsembleRun:
+    """Write an ensemble run of single runs ``members`` (copied, or moved with ``move``) to ``out``.
+
+    Args:
+        extra: more entries of the ensemble's ``run.json``, e.g. ``config`` or ``metrics``.
+
+    Returns:
+        The ensemble as written, its members at their new place.
+    """
+    out = Path(out)
+    check_compatible([m.class_names for m in members], [str(m.path) for m in members])
+    if any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise UsageError("ensemble weights must be >= 0 and not all zero")
+    entries = []
+    with _staged(out) as staging:
+        (staging / "members").mkdir()
+        for i, (member, weight) in enumerate(zip(members, weights)):
+            target = staging / "members" / str(i)
+            if move:
+                shutil.move(str(member.path), target)
+            else:
+                shutil.copytree(member.path, target)
+            entries.append({"path": f"members/{i}", "weight": float(weight), "backbone": member.backbone_name,
+                            "freeze": member.info["backbone"].get("freeze", "all"),
+                            "source": None if move else str(member.path)})
+        info = {"format": RUN_FORMAT, "type": "ensemble", "class_names": members[0].class_names,
+                "members": entries, **(extra or {})}
+        _write_json(staging / RUN_FILE, info)
+    placed = [Run(out / e["path"], m.info, m.head, m.metrics) for e, m in zip(entries, members)]
+    return EnsembleRun(out, json.loads(json.dumps(info)), placed, [e["weight"] for e in entries])
+
+
+def combine_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+                 weights: Sequence[float] | None = None) -> EnsembleRun:
+    """``headstart ensemble RUN_A RUN_B ... --out RUN``: copy existing runs with the same classes into one."""
+    if len(run_dirs) < 2:
+        raise UsageError("an ensemble needs at least 2 runs")
+    if weights is not None and len(weights) != len(run_dirs):
+        raise UsageError(f"{len(weights)} weights for {len(run_dirs)} runs; give one weight per run")
+    return write_ensemble(Path(out), [Path(d) for d in run_dirs], weights=weights)

@@ -33,16 +33,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._constants import DEFAULT_CS, DEFAULT_FOLDS, DEFAULT_MLP_WIDTHS, HEAD_TYPES, MLP_MIN_IMAGES
+from ._validation import check_folds
 from .calibration import apply_temperature, cross_fitted_losses, fit_temperature, scale_head
 from .errors import UsageError
 from .heads import LinearHead, MLPHead
 from .linear_path import fold_problem, solve_path
 from .sources import SOURCES, Classifier, check_source, fold_into_pooled, source_features
 
-DEFAULT_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # scikit-learn's C: weight decay 1/(C n)
-DEFAULT_MLP_WIDTHS = (64, 256)
-DEFAULT_FOLDS = 5
-MLP_MIN_IMAGES = 500  # an MLP needs data to beat a linear head; below this it is not tried unless asked for
+# DEFAULT_CS (scikit-learn's C: weight decay 1/(C n)), DEFAULT_MLP_WIDTHS, DEFAULT_FOLDS and MLP_MIN_IMAGES (an MLP
+# needs data to beat a linear head; below this it is not tried unless asked for) live in headstart._constants.
 IMBALANCE_RATIO = 1.5  # largest/smallest class above this adds class_weight="balanced" candidates
 MAX_PATH_THREADS = 4  # linear paths solved at once (each holds its own copy of the rows) ...
 PARALLEL_ROWS = 1000  # ... from this many training rows (images x views) up
@@ -89,7 +89,7 @@ class Candidate:
 class Grid:
     """The candidates tried; each dimension can be narrowed (CLI: ``--grid-*``)."""
 
-    head: tuple[str, ...] = ("linear", "mlp")
+    head: tuple[str, ...] = HEAD_TYPES
     C: tuple[float, ...] = DEFAULT_CS
     standardize: tuple[bool, ...] = (False, True)
     source: tuple[str, ...] = SOURCES
@@ -116,7 +116,7 @@ class Grid:
         for name in ("head", "C", "standardize", "source", "mlp", "mlp_source"):
             if not isinstance(getattr(self, name), tuple):
                 raise UsageError(f"grid '{name}' must be a list; got {getattr(self, name)!r}")
-        if not self.head or set(self.head) - {"linear", "mlp"}:
+        if not self.head or set(self.head) - set(HEAD_TYPES):
             raise UsageError(f"grid head must list 'linear' and/or 'mlp'; got {list(self.head)}")
         if "linear" in self.head and (not self.C or not all(isinstance(c, (int, float)) and c > 0 for c in self.C)):
             raise UsageError(f"grid C must list numbers > 0 (scikit-learn's C); got {list(self.C)}")
@@ -218,8 +218,7 @@ def fold_count(y: np.ndarray, folds: int, groups: Sequence[Any] | None = None) -
     A class counts its distinct files (``groups``): copies of one file share a fold, so a class of two
     identical files cannot be on both sides of a split.
     """
-    if not (isinstance(folds, int) and folds >= 2):
-        raise UsageError(f"folds must be an integer >= 2; got {folds!r}")
+    check_folds(folds)
     if groups is None:
         smallest = int(np.bincount(y).min())
     else:

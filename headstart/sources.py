@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._constants import FEATURE_SOURCES
 from .errors import UsageError
 
-SOURCES = ("pooled", "logits", "pooled+logits")
+SOURCES = FEATURE_SOURCES
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def backbone_classifier(backbone: Any, weights: str, memo: Any = None) -> Classi
 def _classifier_tensors(name: str, weights: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     import timm
 
-    from .backbones import PACKAGED_WEIGHTS, _read_weights_file, lukemelas_to_timm, packaged_state_dict
+    from .backbones import PACKAGED_WEIGHTS, lukemelas_to_timm, packaged_state_dict, read_weights_file
 
     if weights == "default" and name in PACKAGED_WEIGHTS:
         state = packaged_state_dict(name)
@@ -157,7 +158,7 @@ def _classifier_tensors(name: str, weights: str) -> tuple[torch.Tensor, torch.Te
         return _linear_of(model.get_classifier())
     from pathlib import Path
 
-    state = _read_weights_file(Path(weights))
+    state = read_weights_file(Path(weights))
     if any(k.startswith("_blocks.") for k in state):
         state = lukemelas_to_timm(state, timm.create_model(name, pretrained=False))
     model = timm.create_model(name, pretrained=False)
@@ -189,7 +190,7 @@ def _save_memo(memo: Any, key: str, classifier: Classifier) -> None:
         return
     from safetensors.numpy import save
 
-    from .cache import atomic_write_bytes
+    from ._io import atomic_write_bytes
 
     data = save({"weight": classifier.weight, "bias": classifier.bias})
     with contextlib.suppress(OSError):  # a read-only cache still works, only slower next time

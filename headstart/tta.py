@@ -44,16 +44,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._constants import TTA_AVERAGES, TTA_MODES  # noqa: F401  (TTA_MODES: also importable from here)
+from ._validation import check_tta_average, check_tta_mode
 from .cache import FeatureCache
 from .errors import UsageError
 from .features import FeatureResult, View
 from .preprocess import eval_transform
 
-TTA_MODES = ("none", "flip", "5crop", "10crop", "multiscale")
 #: Shorter-side factors (relative to the eval resize) of the ``multiscale`` mode.
 SCALES = (0.875, 1.0, 1.143)
 POSITIONS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
-AVERAGE_METHODS = ("mean", "geomean")
+AVERAGE_METHODS = TTA_AVERAGES
 #: Bump when the crop geometry changes in a way that changes pixel values (it is in every crop's cache key).
 TTA_VERSION = 1
 
@@ -80,8 +81,7 @@ class Crop:
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in TTA_MODES:
-        raise UsageError(f"tta mode must be one of {', '.join(TTA_MODES)}; got {mode!r}")
+    check_tta_mode(mode, "tta mode")
 
 
 def tta_crops(mode: str) -> list[Crop]:
@@ -288,8 +288,7 @@ def average_views(proba: np.ndarray, method: str = "mean") -> np.ndarray:
         >>> average_views(np.array([[[0.8, 0.2], [0.4, 0.6]]]))
         array([[0.6, 0.4]])
     """
-    if method not in AVERAGE_METHODS:
-        raise UsageError(f"method must be one of {', '.join(AVERAGE_METHODS)}; got {method!r}")
+    check_tta_average(method, "method")
     proba = np.asarray(proba, dtype=np.float64)
     if proba.ndim != 3 or proba.shape[1] < 1 or proba.shape[2] < 1:
         raise UsageError(f"proba must have shape (n_images, n_views, n_classes); got {proba.shape}")

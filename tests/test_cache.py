@@ -52,7 +52,8 @@ def test_read_locations_one_view_per_image_and_subsets(filled):
     taken = located.take([5, 0])
     np.testing.assert_array_equal(cache.read_locations(taken, DIM)[1], [truth["a", "img0"], truth["b", "img0"]])
     assert located[1][0] == (located.shards[located.index[1, 0]], int(located.rows[1, 0]))
-    np.testing.assert_array_equal(cache.read(located[0][:2], DIM), [truth["a", "img0"], truth["a", "img1"]])
+    np.testing.assert_array_equal(cache.read_locations(located.pick([0, 1], [0, 0]), DIM)[:, 0],
+                                  [truth["a", "img0"], truth["a", "img1"]])
 
 
 def test_locate_answers_from_memory_the_second_time(filled, monkeypatch):
@@ -63,7 +64,7 @@ def test_locate_answers_from_memory_the_second_time(filled, monkeypatch):
     def no_query(*args, **kwargs):
         raise AssertionError("the index was queried")
 
-    monkeypatch.setattr(cache, "lookup_many", no_query)
+    monkeypatch.setattr(cache.index, "lookup", no_query)
     again = cache.locate(["a", "b"], images)
     np.testing.assert_array_equal(first.index, again.index)
     np.testing.assert_array_equal(first.rows, again.rows)
@@ -72,26 +73,39 @@ def test_locate_answers_from_memory_the_second_time(filled, monkeypatch):
 
 
 def test_a_vanished_shard_is_noticed_through_the_memo(filled):
-    cache, _ = filled
+    cache, truth = filled
     images = [f"img{i}" for i in range(6)]
     located = cache.locate(["a"], images)
     cache.read_locations(located, DIM)  # maps both shards
     gone = located.shards[located.index[0, 5]]
     (cache.root / "shards" / gone).unlink()
-    assert not cache.verify(cache.locate(["a"], images), DIM)  # noticed although this process had it mapped
+    assert cache.locate(["a"], images).found.all()  # plain locate answers from the memo, without the disk
+    verified = cache.locate_verified(["a"], images, DIM)  # noticed although this process had it mapped
+    assert verified.found.tolist() == [[True] * 4 + [False] * 2]
     assert cache.locate(["a"], images).found.tolist() == [[True] * 4 + [False] * 2]  # memo and index forgot it
-    assert cache.verify(cache.locate(["a"], images), DIM)
+    again = cache.locate_verified(["a"], images, DIM)  # what is left is intact: nothing more is forgotten
+    np.testing.assert_array_equal(again.index, verified.index)
+    np.testing.assert_array_equal(cache.read_locations(again, DIM)[:4, 0], [truth["a", f"img{i}"] for i in range(4)])
 
 
-def test_another_process_reading_a_vanished_shard(filled, monkeypatch):
-    import headstart.cache
+def test_a_replaced_or_damaged_shard_is_forgotten_before_reading(filled):
+    cache, _ = filled
+    images = [f"img{i}" for i in range(6)]
+    located = cache.locate(["b"], images)
+    shard = cache.root / "shards" / located.shards[located.index[0, 0]]
+    np.save(shard.with_suffix(".tmp.npy"), np.zeros((2, DIM), np.float16))  # too short for its six rows
+    shard.with_suffix(".tmp.npy").replace(shard)
+    verified = cache.locate_verified(["b"], images, DIM)
+    assert not verified.found.any() and not cache.locate(["b"], images).found.any()
+    assert cache.locate_verified(["a"], images, DIM).found.all()  # other shards are untouched
 
+
+def test_another_process_reading_a_vanished_shard(filled):
     cache, _ = filled
     images = [f"img{i}" for i in range(6)]
     located = cache.locate(["a"], images)
     (cache.root / "shards" / located.shards[located.index[0, 0]]).unlink()
-    monkeypatch.setattr(headstart.cache, "_MEMOS", {})  # what a new process would see
-    with FeatureCache(cache.root) as other:
+    with FeatureCache(cache.root, memos={}) as other:  # what a new process would see
         with pytest.raises(MissingShardError):
             other.read_locations(other.locate(["a"], images), DIM)
         assert other.locate(["a"], images).found.tolist() == [[False] * 4 + [True] * 2]
@@ -101,7 +115,7 @@ def test_caches_on_one_folder_share_the_memo(filled, monkeypatch):
     cache, _ = filled
     cache.locate(["a", "b"], ["img1"])
     with FeatureCache(cache.root) as other:
-        monkeypatch.setattr(other, "lookup_many", lambda *a: pytest.fail("the index was queried"))
+        monkeypatch.setattr(other.index, "lookup", lambda *a: pytest.fail("the index was queried"))
         assert other.locate(["a", "b"], ["img1"]).found.all()
 
 
@@ -175,10 +189,10 @@ def test_the_last_cache_on_a_folder_lets_its_memory_maps_go(filled):
     cache, _ = filled
     with FeatureCache(cache.root) as other:
         other.read_locations(other.locate(["a", "b"], ["img0"]), DIM)
-        assert other._memo.shards  # mapped, and shared with `cache`
-    assert cache._memo.shards  # `cache` is still open
+        assert other._memo.maps  # mapped, and shared with `cache`
+    assert cache._memo.maps  # `cache` is still open
     cache.close()
-    assert not cache._memo.shards
+    assert not cache._memo.maps
     with FeatureCache(cache.root) as again:  # the location memo is still there
         assert again._memo is cache._memo and again._memo.located
 

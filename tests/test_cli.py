@@ -268,3 +268,83 @@ def test_evaluate_uses_the_runs_own_preprocessing(trained, tree, tmp_path):
     headstart.evaluate(trained, tree, cache_dir=tmp_path / "c", progress=False)
     with headstart.FeatureCache(tmp_path / "c") as cache:
         assert cache.stats()["rows"] == before + 12  # new preprocessing -> new features
+
+
+# --------------------------------------------------------------------------- startup, shared choices and checks
+
+
+def _subparser(name):
+    from headstart.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[name]
+
+
+def _option(parser, flag):
+    return next(a for a in parser._actions if flag in a.option_strings)
+
+
+def test_version_and_help_do_not_import_the_library():
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom headstart.cli import main\n"
+              "for argv in (['--version'], ['--help'], ['train', '--help'], ['sweep', '--help']):\n"
+              "    try:\n        main(argv)\n    except SystemExit as exc:\n        assert exc.code == 0, argv\n"
+              "print(sorted(m for m in ('torch', 'timm', 'sklearn', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert done.stdout.startswith(f"headstart {headstart.__version__}\n")
+    done = subprocess.run([sys.executable, "-m", "headstart", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout == f"headstart {headstart.__version__}\n"
+
+
+def test_cli_choices_are_the_librarys_own():
+    from headstart import _constants, heads, selection, tta
+    from headstart.transforms import PRESETS
+
+    train = _subparser("train")
+    assert _option(train, "--head").choices is heads.HEAD_TYPES is _constants.HEAD_TYPES
+    assert _option(train, "--augment").choices is PRESETS
+    assert _option(train, "--backbone").default == _constants.DEFAULT_BACKBONE
+    assert _option(_subparser("predict"), "--tta").choices is tta.TTA_MODES
+    assert _option(_subparser("evaluate"), "--tta-average").choices is tta.AVERAGE_METHODS
+    assert selection.Grid().head == heads.HEAD_TYPES and selection.DEFAULT_FOLDS == _constants.DEFAULT_FOLDS
+
+
+def test_lazy_package_keeps_its_public_names():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: importing the submodule headstart.sweep first must not hide the function
+    script = ("import headstart\nfrom headstart.sweep import rank_rows\n"
+              "print(callable(headstart.sweep), headstart.sweep.__name__, callable(rank_rows))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "sweep", "True"], done.stderr
+    assert set(headstart.__all__) <= set(dir(headstart))
+    assert headstart.UsageError.__module__ == "headstart.errors" and headstart.heads.HEAD_TYPES == ("linear", "mlp")
+    with pytest.raises(AttributeError):
+        _ = headstart.no_such_name
+
+
+@pytest.mark.parametrize(("check", "value", "message"), [
+    ("check_batch_size", 0, "batch_size must be a positive integer; got 0"),
+    ("check_batch_size", True, "batch_size must be a positive integer; got True"),
+    ("check_num_workers", -1, "num_workers must be an integer >= 0 (0 decodes in this process); got -1"),
+    ("check_seed", -1, "seed must be an integer >= 0; got -1"),
+    ("check_preset", "extreme", "augment must be one of none, light, standard, heavy; got 'extreme'"),
+    ("check_head_type", "forest", "head must be one of linear, mlp; got 'forest'"),
+    ("check_tta_mode", "3crop", "tta must be one of none, flip, 5crop, 10crop, multiscale; got '3crop'"),
+    ("check_folds", 1, "folds must be an integer >= 2"),
+])
+def test_shared_checks_name_the_parameter(check, value, message):
+    from headstart import _validation
+
+    with pytest.raises(headstart.UsageError) as info:
+        getattr(_validation, check)(value)
+    assert str(info.value).startswith(message)
+    getattr(_validation, check)({"check_preset": "light", "check_head_type": "mlp", "check_tta_mode": "flip",
+                                 "check_folds": 2}.get(check, 1))  # a good value passes

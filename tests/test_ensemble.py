@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headstart.ensemble import average_probabilities, bootstrap_indices, check_compatible
+from headstart.ensemble import align_classes, average_probabilities, bootstrap_indices, check_compatible
 from headstart.errors import RunError, UsageError
 
 
@@ -49,6 +49,12 @@ def test_bad_inputs_say_what_is_wrong(probas, weights, message):
 def test_single_array_is_not_taken_for_members():
     with pytest.raises(UsageError, match="wrap it in a list"):
         average_probabilities(random_proba())
+
+
+def test_align_classes_follows_the_run_order_and_fills_absent_classes():
+    proba = np.array([[0.9, 0.1], [0.2, 0.8]])
+    np.testing.assert_array_equal(align_classes(proba, np.array(["b", "a"]), ["a", "b", "c"]),
+                                  [[0.1, 0.9, 0.0], [0.8, 0.2, 0.0]])
 
 
 def test_check_compatible_accepts_equal_lists():

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from conftest import make_image, make_tree, truncated_jpeg
 
-from headstart import features as feat
 from headstart.backbones import create_backbone
 from headstart.cache import FeatureCache
-from headstart.features import extract_features
+from headstart.data import decode_bytes
+from headstart.features import Decoder, clean_view, extract_features, extract_views
+from headstart.preprocess import decoder_id
 
 
 def _paths(root):
@@ -26,17 +27,16 @@ def _extract(backbone, paths, cache, **kw):
 
 
 @pytest.fixture
-def counting(monkeypatch):
-    """Count backbone forwards (images) by wrapping the one function that runs the model."""
+def counting(backbone):
+    """Count backbone forwards (images) with a forward hook on the model (removed afterwards)."""
     calls = {"images": 0}
-    real = feat.forward_batches
 
-    def wrapper(backbone, batch, device, precision, cut=None):
-        calls["images"] += len(batch)
-        return real(backbone, batch, device, precision, cut)
+    def count(module, args):
+        calls["images"] += len(args[0])
 
-    monkeypatch.setattr(feat, "forward_batches", wrapper)
-    return calls
+    handle = backbone.model.register_forward_pre_hook(count)
+    yield calls
+    handle.remove()
 
 
 def test_second_run_does_no_forward(tree, backbone, cache, counting):
@@ -104,22 +104,22 @@ def test_duplicate_contents_are_computed_once(tmp_path, backbone, cache, countin
     np.testing.assert_array_equal(result.features[0], result.features[1])
 
 
-def test_resume_after_interrupted_extraction(tmp_path, backbone, cache, monkeypatch):
+def test_resume_after_interrupted_extraction(tmp_path, backbone, cache):
     root = make_tree(tmp_path / "d", per_class=8)
     paths = _paths(root)
-    real = feat.forward_batches
     seen = {"batches": 0}
 
-    def dies_on_third_batch(*args):
+    def dies_on_third_batch(module, args):
         seen["batches"] += 1
         if seen["batches"] == 3:
             raise KeyboardInterrupt
-        return real(*args)
 
-    monkeypatch.setattr(feat, "forward_batches", dies_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        _extract(backbone, paths, cache, batch_size=4, flush_every=100)
-    monkeypatch.setattr(feat, "forward_batches", real)
+    handle = backbone.model.register_forward_pre_hook(dies_on_third_batch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _extract(backbone, paths, cache, batch_size=4, flush_every=100)
+    finally:
+        handle.remove()
     # the two finished batches were flushed on the way out, though flush_every was not reached
     resumed = _extract(backbone, paths, cache, batch_size=4)
     assert resumed.n_cached == 8 and resumed.n_computed == 8 and resumed.ok.all()
@@ -163,31 +163,32 @@ def test_worker_processes_give_the_same_features(tree, backbone, tmp_path):
     np.testing.assert_array_equal(a.features, b.features)
 
 
-def test_transient_failure_is_not_remembered(tmp_path, backbone, cache, monkeypatch):
+def _extract_decoded(backbone, paths, cache, decoder):
+    """Clean-view features through ``decoder``."""
+    return extract_views(backbone, paths, [clean_view(backbone.data_config)], cache=cache, num_workers=0,
+                         progress=False, batch_size=4, decoder=decoder)
+
+
+def test_transient_failure_is_not_remembered(tmp_path, backbone, cache):
     from headstart.data import ImageDecodeError
 
     image = make_image(tmp_path / "a.png", (9, 9, 9))
-    real = feat.decode_bytes
 
     def flaky(data, path):
         raise ImageDecodeError(f"{path}: cannot read file (I/O error)", permanent=False)
 
-    monkeypatch.setattr(feat, "decode_bytes", flaky)
-    assert not _extract(backbone, [image], cache).ok[0]
-    monkeypatch.setattr(feat, "decode_bytes", real)
+    assert not _extract_decoded(backbone, [image], cache, Decoder(decode=flaky)).ok[0]
     assert _extract(backbone, [image], cache).ok[0]
 
 
-def test_decode_failures_are_tied_to_the_decoder(tmp_path, backbone, cache, monkeypatch):
+def test_decode_failures_are_tied_to_the_decoder(tmp_path, backbone, cache):
     broken = tmp_path / "b.jpg"
     broken.write_text("not an image")
     assert not _extract(backbone, [broken], cache).ok[0]
-    assert cache.failures([cache.image_keys([broken])[0][0]], feat.decoder_id())
-    monkeypatch.setattr(feat, "decoder_id", lambda: "a newer decoder")
+    assert cache.failures([cache.image_keys([broken])[0][0]], decoder_id())
     calls = []
-    real = feat.decode_bytes
-    monkeypatch.setattr(feat, "decode_bytes", lambda data, path: calls.append(path) or real(data, path))
-    assert not _extract(backbone, [broken], cache).ok[0]
+    newer = Decoder(decode=lambda data, path: calls.append(path) or decode_bytes(data, path), name="a newer decoder")
+    assert not _extract_decoded(backbone, [broken], cache, newer).ok[0]
     assert calls  # retried with the new decoder, not served from the old verdict
 
 
@@ -223,8 +224,8 @@ def test_feature_is_filed_under_the_bytes_really_decoded(tmp_path, backbone, cac
     monkeypatch.undo()
     probe = _extract(backbone, [image], cache)
     assert probe.n_computed == 0 and np.array_equal(probe.features, result.features)
-    assert real_key in cache.lookup(result.model_key, [real_key, "stale-hash"])
-    assert "stale-hash" not in cache.lookup(result.model_key, [real_key, "stale-hash"])
+    # filed under the real content, not under the stale hash
+    assert cache.locate([result.model_key], [real_key, "stale-hash"]).found.tolist() == [[True, False]]
 
 
 def test_a_duplicate_of_a_file_that_changed_keeps_its_own_features(tmp_path, backbone, cache, monkeypatch):

@@ -15,16 +15,17 @@ from headstart.data import load_images
 from headstart.errors import UsageError
 from headstart.features import clean_view
 from headstart.finetune import FinetuneConfig, finetune, param_groups, parse_freeze
+from headstart.finetune_loop import evaluate
 from headstart.stages import describe_stages, stage_plan
 
 
-def _run(backbone, tree, tmp_path, n_frozen, **cfg):
+def _run(backbone, tree, tmp_path, n_frozen, evaluator=evaluate, **cfg):
     data = load_images(tree, val_split=0.25, seed=0)
     cfg = FinetuneConfig(**{"epochs": 2, "batch_size": 4, "checkpoint_every": 1, **cfg})
     with FeatureCache(tmp_path / "cache") as cache:
         return finetune(backbone, data.train, data.val, n_frozen=n_frozen, cfg=cfg, cache=cache,
                         train_views=[clean_view(backbone.data_config)], val_view=clean_view(backbone.data_config),
-                        work_dir=tmp_path / "work", num_workers=0, progress=False, seed=0)
+                        work_dir=tmp_path / "work", num_workers=0, progress=False, seed=0, evaluator=evaluator)
 
 
 @pytest.fixture
@@ -175,21 +176,18 @@ def test_bad_images_are_skipped_and_reported_when_training_everything(tree, tmp_
     assert [b.path.rsplit("/", 1)[-1] for b in result.bad_files] == ["broken.png"]
 
 
-def test_resume_when_interrupted_during_end_of_epoch_validation(tree, tmp_path, monkeypatch):
-    import headstart.finetune as ft
-
-    real = ft._evaluate
+def test_resume_when_interrupted_during_end_of_epoch_validation(tree, tmp_path):
     calls = {"n": 0}
 
     def dies_once(*a, **k):
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return evaluate(*a, **k)
 
-    monkeypatch.setattr(ft, "_evaluate", dies_once)
     with pytest.raises(KeyboardInterrupt):
-        _run(create_backbone("tf_efficientnet_lite0"), tree, tmp_path, 6, checkpoint_every=2)
+        _run(create_backbone("tf_efficientnet_lite0"), tree, tmp_path, 6, evaluator=dies_once, checkpoint_every=2)
+    assert calls["n"] == 1  # killed in the first epoch's validation, after its last step
     data = load_images(tree, val_split=0.25, seed=0)
     bb = create_backbone("tf_efficientnet_lite0")
     with FeatureCache(tmp_path / "cache") as cache:

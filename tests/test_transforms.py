@@ -492,3 +492,9 @@ def test_same_seeds_give_same_views_with_any_worker_count():
     workers = torch.cat(list(DataLoader(_Views(), batch_size=2, num_workers=2)))
     assert torch.equal(single, workers)
     assert not torch.equal(single[0], single[1])
+
+
+def test_preset_names_are_the_shared_constant():
+    from headstart._constants import AUGMENT_PRESETS
+
+    assert PRESETS is AUGMENT_PRESETS and [d["name"] for d in describe_presets()] == list(AUGMENT_PRESETS)

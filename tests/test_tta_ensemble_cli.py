@@ -10,8 +10,9 @@ import pytest
 from conftest import make_tree
 
 import headstart
+from headstart import training
 from headstart.errors import RunError
-from headstart.inference import EnsembleRun, load_run
+from headstart.runs import EnsembleRun, load_run
 
 
 @pytest.fixture
@@ -67,6 +68,8 @@ def test_train_ensemble_and_ablation(tree, tmp_path, run_cli):
     assert isinstance(run, EnsembleRun) and len(run.members) == 2
     info = [m.info for m in run.members]
     assert info[0]["config"]["bootstrap"] != info[1]["config"]["bootstrap"]  # members differ in their data
+    assert run.metrics["val"] == _scored_on_val(run, tree, tmp_path / "c")  # members' own probabilities, averaged
+    assert not (tmp_path / ".ens.members").exists()
     code, out, err = run_cli("evaluate", tmp_path / "ens", tree, "--tta", "flip", "--ablation", "--json",
                              "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
     result = json.loads(out)
@@ -74,6 +77,49 @@ def test_train_ensemble_and_ablation(tree, tmp_path, run_cli):
     assert [r["setting"] for r in result["ablation"]] == [
         "single model", "single model + flip TTA", "ensemble of 2", "ensemble of 2 + flip TTA"]
     assert all(r["ms_per_image_cold"] > 0 and 0 <= r["accuracy"] <= 1 for r in result["ablation"])
+
+
+def _scored_on_val(run, tree, cache_dir, val_split=0.34):
+    """Validation metrics of a saved run, scored from the cache on the split that training made."""
+    from headstart.data import load_images
+    from headstart.inference import run_probabilities
+    from headstart.metrics import classification_metrics
+    from headstart.train_common import split_train_val
+
+    with headstart.FeatureCache(cache_dir) as cache:
+        _, val_set, _ = split_train_val(load_images(tree, val_split=0), training.TrainConfig(val_split=val_split),
+                                        cache, progress=False)
+        probs = run_probabilities(run, val_set.paths, cache, num_workers=0, progress=False)
+    return json.loads(json.dumps(classification_metrics(val_set.labels[probs.ok], probs.proba, run.class_names)))
+
+
+def test_interrupted_ensemble_resumes_with_its_finished_members(tree, tmp_path, monkeypatch, capsys):
+    kw = {"cache_dir": tmp_path / "c", "num_workers": 0, "val_split": 0.34, "ensemble": 2}
+    real = training._train_single
+
+    def dies_at_the_second_member(config, data, out, progress):
+        if out.name == "1":
+            raise KeyboardInterrupt
+        return real(config, data, out, progress)
+
+    monkeypatch.setattr(training, "_train_single", dies_at_the_second_member)
+    with pytest.raises(KeyboardInterrupt):
+        headstart.train(tree, tmp_path / "ens", progress=False, **kw)
+    monkeypatch.setattr(training, "_train_single", real)
+    capsys.readouterr()
+    run = headstart.train(tree, tmp_path / "ens", resume=True, **kw)
+    assert "ensemble member 1/2: already trained, kept" in capsys.readouterr().err
+    assert isinstance(run, EnsembleRun) and len(run.members) == 2
+    assert run.metrics == load_run(tmp_path / "ens").metrics and "val" in run.metrics
+    assert run.metrics["val"] == _scored_on_val(run, tree, tmp_path / "c")
+    assert [m.path for m in run.members] == [tmp_path / "ens" / "members" / "0", tmp_path / "ens" / "members" / "1"]
+
+
+def test_runs_names_still_import_from_inference():
+    import headstart.inference as inference
+
+    assert inference.load_run is load_run and inference.EnsembleRun is EnsembleRun
+    assert inference.combine_runs is headstart.runs.combine_runs
 
 
 def test_ensemble_of_identical_members_equals_the_member(single, tree, tmp_path, run_cli):

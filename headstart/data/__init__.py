@@ -22,6 +22,7 @@ from .images import (
     is_image_file,
     list_image_paths,
     read_csv_manifest,
+    require_every_class,
     scan_class_folders,
 )
 from .load import TRAIN_FOLDER_NAMES, VAL_FOLDER_NAMES, load_images
@@ -30,6 +31,7 @@ from .split import content_groups, stratified_split
 __all__ = [
     "DECODE_VERSION", "IMAGE_EXTENSIONS", "LAYOUT_HINT", "TRAIN_FOLDER_NAMES", "VAL_FOLDER_NAMES", "BadFile",
     "ImageDecodeError", "ImageSet", "LoadedData", "content_groups", "decode_bytes", "decode_image",
-    "is_image_file", "list_image_paths", "load_images", "read_csv_manifest", "scan_class_folders",
+    "is_image_file", "list_image_paths", "load_images", "read_csv_manifest",
+    "require_every_class", "scan_class_folders",
     "stratified_split",
 ]

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,21 @@ class LoadedData:
     bad_files: list[BadFile] = field(default_factory=list)
     val_from: str = "none"  # "folder", "split", or "none"
     notes: list[str] = field(default_factory=list)  # things the user should know, e.g. an unused folder
+
+
+def require_every_class(labels: np.ndarray, class_names: Sequence[str], bad_files: Sequence[Any]) -> None:
+    """Raise :class:`DataError` when a class has no usable training image left, naming a few bad files.
+
+    ``labels`` are those of the usable training images; ``bad_files`` the skipped ones (``BadFile`` records
+    or their ``to_dict()``).
+    """
+    missing = [c for c in range(len(class_names)) if not (labels == c).any()]
+    if missing:
+        names = [class_names[c] for c in missing]
+        pairs = [(b["path"], b["reason"]) if isinstance(b, dict) else (b.path, b.reason) for b in bad_files[:3]]
+        examples = "; ".join(f"{path}: {reason}" for path, reason in pairs)
+        raise DataError(f"class(es) {names} have no usable training image after skipping {len(bad_files)} bad "
+                        f"file(s){', e.g. ' + examples if examples else ''}")
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:

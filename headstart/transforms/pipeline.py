@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._constants import AUGMENT_PRESETS
 from ..errors import UsageError
 from ._base import (
     AugmentTransform,
@@ -71,7 +72,8 @@ _PRESETS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "pca_color": {"sigma": 0.2},
     }),
 }
-PRESETS: tuple[str, ...] = tuple(_PRESETS)
+PRESETS: tuple[str, ...] = AUGMENT_PRESETS  # the names, shared with the CLI (headstart._constants)
+assert tuple(_PRESETS) == PRESETS, "headstart._constants.AUGMENT_PRESETS must list the presets defined here"
 
 
 def _did_you_mean(word: str, options: Sequence[str]) -> str:

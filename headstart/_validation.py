@@ -1,0 +1,73 @@
+"""Checks of parameters that several entry points share; each raises :class:`~headstart.errors.UsageError`.
+
+Messages name the parameter (``name``; callers that mirror a CLI flag pass e.g.
+``"batch_size (--batch-size)"``), say what was expected and what was got, so the fix is plain.
+Integers are Python or NumPy integers, never booleans.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from ._constants import AUGMENT_PRESETS, HEAD_TYPES, PRECISIONS, TTA_AVERAGES, TTA_MODES
+from .errors import UsageError
+
+
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_choice(value: Any, choices: Sequence[str], name: str) -> None:
+    """``value`` must be one of ``choices``: ``"{name} must be one of a, b; got 'x'"``."""
+    if not isinstance(value, str) or value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_head_type(kind: Any, name: str = "head") -> None:
+    check_choice(kind, HEAD_TYPES, name)
+
+
+def check_preset(preset: Any, name: str = "augment") -> None:
+    """An augmentation preset name (``none``, ``light``, ``standard``, ``heavy``)."""
+    check_choice(preset, AUGMENT_PRESETS, name)
+
+
+def check_tta_mode(mode: Any, name: str = "tta") -> None:
+    check_choice(mode, TTA_MODES, name)
+
+
+def check_tta_average(method: Any, name: str = "tta_average") -> None:
+    check_choice(method, TTA_AVERAGES, name)
+
+
+def check_precision(precision: Any, name: str = "precision") -> None:
+    check_choice(precision, PRECISIONS, name)
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    if not (is_int(value) and value >= 1):
+        raise UsageError(f"{name} must be a positive integer; got {value!r}")
+
+
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
+    check_positive_int(batch_size, name)
+
+
+def check_num_workers(num_workers: Any, name: str = "num_workers") -> None:
+    """``None`` (one per spare core) or an integer >= 0 (0 decodes in this process)."""
+    if num_workers is not None and not (is_int(num_workers) and num_workers >= 0):
+        raise UsageError(f"{name} must be an integer >= 0 (0 decodes in this process); got {num_workers!r}")
+
+
+def check_seed(seed: Any, name: str = "seed") -> None:
+    if not (is_int(seed) and seed >= 0):
+        raise UsageError(f"{name} must be an integer >= 0; got {seed!r}")
+
+
+def check_folds(folds: Any, name: str = "folds") -> None:
+    """A number of cross-validation folds: an integer >= 2."""
+    if not (is_int(folds) and folds >= 2):
+        raise UsageError(f"{name} must be an integer >= 2 (folds of cross-validation); got {folds!r}")

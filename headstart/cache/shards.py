@@ -1,0 +1,149 @@
+"""Shard files: feature rows as ``.npy`` arrays, written atomically, read through memory maps."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import atomic_write
+from .locations import Locations
+
+_NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+class MissingShardError(OSError):
+    """The index points at a shard file that is gone or unreadable (its rows were dropped)."""
+
+    def __init__(self, shard: str) -> None:
+        super().__init__(f"feature shard '{shard}' is missing or unreadable")
+        self.shard = shard
+
+
+def _open_maps_limit() -> int:
+    """Memory maps kept open per folder: each holds a file descriptor, so a quarter of the process's limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no ``resource`` module (Windows)
+        return 128
+    return 4096 if soft == resource.RLIM_INFINITY else max(16, min(4096, soft // 4))
+
+
+_OPEN_MAPS = _open_maps_limit()
+
+
+def _as_index(index: np.ndarray) -> slice | np.ndarray:
+    """A slice when ``index`` is a run of consecutive integers (the usual case), else the array."""
+    if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+class ShardStore:
+    """The shards under ``folder`` and this process's read-only memory maps of them (``maps``, shared by
+    every cache open on the folder; at most ``_OPEN_MAPS`` at a time, torch never writes to them)."""
+
+    def __init__(self, folder: Path, maps: dict[str, torch.Tensor]) -> None:
+        self.folder = folder
+        self.maps = maps
+
+    def write(self, prefix: str, rows: np.ndarray, dtype: np.dtype) -> str:
+        """A new shard ``<prefix>/<random>.npy`` holding ``rows`` in ``dtype``, durable on return; its name."""
+        shard = f"{prefix}/{uuid.uuid4().hex}.npy"
+        atomic_write(self.folder / shard, lambda handle: np.save(handle, np.ascontiguousarray(rows, dtype=dtype)))
+        return shard
+
+    def _load(self, shard: str) -> np.ndarray:
+        """Memory-map a shard. Running out of file descriptors or memory is not the shard's fault: the
+        maps are let go and it is tried once more, and if that fails too the error is raised as it is
+        (only a shard that is really missing or damaged counts as missing)."""
+        try:
+            return np.load(self.folder / shard, mmap_mode="r")
+        except OSError as exc:
+            if exc.errno not in _NO_RESOURCES:
+                raise
+            self.maps.clear()
+        try:
+            return np.load(self.folder / shard, mmap_mode="r")
+        except OSError as exc:
+            if exc.errno in _NO_RESOURCES:
+                raise RuntimeError(f"cannot open feature shard '{shard}': {exc.strerror}; raise the limit of "
+                                   "open files (ulimit -n) or free memory") from exc
+            raise
+
+    def array(self, shard: str, dim: int) -> torch.Tensor:
+        """The shard memory-mapped read-only, as a tensor ``(rows, dim)`` in the storage dtype.
+
+        Raises:
+            MissingShardError: the file is gone, unreadable or not ``(rows, dim)``.
+        """
+        tensor = self.maps.get(shard)
+        if tensor is None:
+            try:
+                array = self._load(shard)
+                if array.ndim != 2 or array.shape[1] != dim:
+                    raise ValueError(f"shape {array.shape}")
+            except (OSError, ValueError):
+                self.maps.pop(shard, None)
+                raise MissingShardError(shard) from None
+            with warnings.catch_warnings():  # torch warns that the array is read-only; we only ever read it
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.from_numpy(array)
+            if len(self.maps) >= _OPEN_MAPS:
+                self.maps.clear()
+            self.maps[shard] = tensor
+        return tensor
+
+    def holds(self, shard: str, dim: int, n_rows: int) -> bool:
+        """Whether the shard is on disk (even if mapped: a deleted file is not trusted), readable, and
+        has at least ``n_rows`` rows of ``dim``. It is left mapped when it is."""
+        if shard in self.maps and not (self.folder / shard).exists():
+            self.maps.pop(shard)  # deleted, though still readable through our map: forget it anyway
+        try:
+            return len(self.array(shard, dim)) >= n_rows
+        except MissingShardError:
+            return False
+
+    def iter_rows(self, locations: Locations, dim: int, max_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """See :meth:`~headstart.cache.FeatureCache.iter_rows`."""
+        flat_index = locations.index.T.reshape(-1)
+        present = np.flatnonzero(flat_index >= 0)
+        if not len(present):
+            return
+        present = present[np.argsort(flat_index[present], kind="stable")]  # by shard, image order within
+        ids = flat_index[present]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [len(ids)]])
+        flat_rows = locations.rows.T.reshape(-1)
+        for begin, end in itertools.pairwise(starts.tolist()):
+            shard = locations.shards[int(ids[begin])]
+            source = self.array(shard, dim)
+            for start in range(begin, end, max_rows):
+                positions = present[start:min(end, start + max_rows)]
+                src = flat_rows[positions]
+                if src.max() >= len(source):
+                    raise MissingShardError(shard)
+                where = _as_index(src)
+                yield positions, (source[where] if isinstance(where, slice) else
+                                  source.index_select(0, torch.from_numpy(src)))
+
+
+def gather(blocks: Iterator[tuple[np.ndarray, torch.Tensor]], n: int, n_views: int, dim: int) -> np.ndarray:
+    """Copy ``(positions, rows)`` blocks into float32 ``(n, n_views, dim)``, zeros elsewhere: a strided
+    slice when the positions are evenly spaced (one view of a run of images), else an indexed copy."""
+    out = np.zeros((n, n_views, dim), dtype=np.float32)
+    target = torch.from_numpy(out.reshape(n * n_views, dim))
+    for dest, block in blocks:
+        step = int(dest[1] - dest[0]) if len(dest) > 1 else 1
+        if step > 0 and dest[-1] - dest[0] == step * (len(dest) - 1) and (np.diff(dest) == step).all():
+            target[int(dest[0]):int(dest[-1]) + 1:step].copy_(block)
+        else:
+            target.index_copy_(0, torch.from_numpy(dest), block.float())
+    return out
