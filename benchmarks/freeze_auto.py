@@ -1,13 +1,18 @@
 """--freeze auto against the frozen head, on an outer test split it never sees.
 
 usage:
-    python benchmarks/freeze_auto.py [DATA ...] [--budget MINUTES] [--epochs E] [--digits N] [--test 0.25]
+    python benchmarks/freeze_auto.py [DATA ...] [--budget MINUTES] [--epochs E] [--digits N] [--upside-down]
+                                     [--skip-shared] [--test 0.25]
                                      [--cache-dir DIR] [--work DIR]
 
 DATA defaults to both sets of ../shared/data; --digits N adds a third set built from an installed
 package: scikit-learn's 8x8 handwritten digits, N per class, written as 64x64 PNGs (a domain far
-from ImageNet's photos, where frozen features are weakest). Each set is split once (stratified, identical files on
-one side, seed 0) into a training part and a test part. On the training part, side by side:
+from ImageNet's photos, where frozen features are weakest). --upside-down adds a task built from the
+shared photos themselves: every photo appears once, half of them turned by 180 degrees, and the
+classes are "upright" and "upside_down" (pooled ImageNet features keep only part of an image's
+orientation, so this is a set where training the top stages should pay); --skip-shared leaves the
+shared sets themselves out. Each set is split once (stratified, identical files on one side,
+seed 0) into a training part and a test part. On the training part, side by side:
 
   frozen head      headstart train (default: head chosen by 5-fold CV on frozen features, refit on all)
   --freeze auto    headstart train --freeze auto --budget B: compares the frozen head with fine-tuning
@@ -61,6 +66,30 @@ def split_manifests(data: Path, work: Path, test: float) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
+def write_upside_down(root: Path, sources: list[Path]) -> Path:
+    """Each image of ``sources`` once, every second one (shuffled, seed 0) turned by 180 degrees, as
+    ``upright/`` and ``upside_down/`` JPEGs; the EXIF orientation is applied first."""
+    import random
+
+    from PIL import ImageOps
+
+    from headstart.data import ImageDecodeError, decode_image, load_images
+
+    paths = sorted(p for source in sources for p in load_images(source, val_split=0).train.paths)
+    random.Random(0).shuffle(paths)
+    for i, path in enumerate(paths):
+        try:
+            image = decode_image(path)
+        except ImageDecodeError:
+            continue  # the placeholder GIF of the ants folder decodes; a truly broken file is left out
+        label = "upright" if i % 2 == 0 else "upside_down"
+        if label == "upside_down":
+            image = ImageOps.flip(ImageOps.mirror(image))  # a 180-degree turn
+        (root / label).mkdir(parents=True, exist_ok=True)
+        image.save(root / label / f"{i:04d}.jpg", quality=92)
+    return root
+
+
 def test_losses(run_path: Path, test_csv: Path) -> tuple[np.ndarray, np.ndarray]:
     """Per-image log-loss and correctness of a saved run on the test manifest."""
     from headstart.cache import FeatureCache
@@ -84,7 +113,7 @@ def _one(value: float | None) -> np.ndarray | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", nargs="*", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("data", nargs="*", type=Path, default=list(DEFAULT_DATA))
     parser.add_argument("--budget", type=float, default=None, help="--budget of --freeze auto (default: its own)")
     parser.add_argument("--test", type=float, default=0.25, help="fraction of each class in the test part")
     parser.add_argument("--cache-dir", default=None, help="feature cache (sets HEADSTART_CACHE_DIR)")
@@ -93,7 +122,13 @@ def main() -> None:
                         "(default: the fine-tuning default)")
     parser.add_argument("--digits", type=int, default=0, metavar="N",
                         help="also a set of scikit-learn's digits, N per class (default 0: off)")
+    parser.add_argument("--upside-down", action="store_true",
+                        help="also the upright-or-upside-down task built from the photos of ../shared/data")
+    parser.add_argument("--skip-shared", action="store_true",
+                        help="run only the sets of --digits/--upside-down, not DATA's default shared sets")
     args = parser.parse_args()
+    if args.skip_shared:
+        args.data = [d for d in args.data if d not in DEFAULT_DATA]
     if args.cache_dir:
         import os
 
@@ -109,6 +144,8 @@ def main() -> None:
         from package_sets import write_digits
 
         args.data.append(write_digits(work_root / "sources" / "digits", args.digits))
+    if args.upside_down:
+        args.data.append(write_upside_down(work_root / "sources" / "upside_down", DEFAULT_DATA))
     for data in args.data:
         work = work_root / data.name
         train_csv, test_csv = split_manifests(data, work, args.test)
