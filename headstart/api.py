@@ -212,6 +212,9 @@ def predict(
 
 
 def make_ensemble(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-                  weights: Sequence[float] | None = None) -> EnsembleRun:
-    """Combine existing runs with the same classes into one ensemble run (``headstart ensemble``)."""
-    return combine_runs(run_dirs, out, weights)
+                  member_weights: Sequence[float] | None = None) -> EnsembleRun:
+    """Combine existing runs with the same classes into one ensemble run (``headstart ensemble``).
+
+    ``member_weights`` (one per run, ``--member-weights``) weigh the runs' probabilities; default equal.
+    """
+    return combine_runs(run_dirs, out, member_weights)

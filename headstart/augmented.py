@@ -130,4 +130,4 @@ def preview(data: str | os.PathLike[str], out: str | os.PathLike[str], *, preset
     grid.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
     return {"out": str(out), "images": used, "views": n_views, "preset": preset, "size": list(grid.size),
-            "pipeline": pipeline.config()}
+            "pipeline": pipeline.get_config()}

@@ -7,7 +7,7 @@ own classes; :func:`align_classes` puts them in a run's class order.
 
 Example:
     >>> check_compatible([run_a.class_names, run_b.class_names], ["run_a", "run_b"])  # doctest: +SKIP
-    >>> proba = average_probabilities([proba_a, proba_b], weights=[2, 1])              # doctest: +SKIP
+    >>> proba = average_probabilities([proba_a, proba_b], member_weights=[2, 1])           # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import numpy as np
 from .errors import RunError, UsageError
 
 
-def average_probabilities(probas: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+def average_probabilities(probas: Sequence[np.ndarray],
+                          member_weights: Sequence[float] | None = None) -> np.ndarray:
     """The (weighted) mean of the members' class probabilities.
 
     Args:
         probas: one ``(n, k)`` array per member, columns in the same class order.
-        weights: one non-negative weight per member (normalised to sum to 1); ``None`` = equal weights.
+        member_weights: one non-negative weight per member (normalised to sum to 1); ``None`` = equal weights.
 
     Returns:
         ``(n, k)`` float64 probabilities.
 
     Example:
-        >>> average_probabilities([np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])], weights=[3, 1])
+        >>> average_probabilities([np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])], member_weights=[3, 1])
         array([[0.75, 0.25]])
     """
     if isinstance(probas, np.ndarray) and probas.ndim == 2:
@@ -47,14 +48,14 @@ def average_probabilities(probas: Sequence[np.ndarray], weights: Sequence[float]
                              "every member must score the same images over the same classes")
         if not np.isfinite(p).all():
             raise UsageError(f"member {i}'s probabilities have NaN or infinite values")
-    if weights is None:
+    if member_weights is None:
         w = np.full(len(arrays), 1.0 / len(arrays))
     else:
-        w = np.asarray(weights, dtype=np.float64)
+        w = np.asarray(member_weights, dtype=np.float64)
         if w.shape != (len(arrays),):
-            raise UsageError(f"weights must have one number per member ({len(arrays)}); got {len(w.ravel())}")
+            raise UsageError(f"member_weights must have one number per member ({len(arrays)}); got {len(w.ravel())}")
         if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise UsageError(f"weights must be finite, >= 0 and not all 0; got {w.tolist()}")
+            raise UsageError(f"member_weights must be finite, >= 0 and not all 0; got {w.tolist()}")
         w = w / w.sum()
     return np.tensordot(w, np.stack(arrays), axes=1)
 

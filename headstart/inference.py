@@ -45,7 +45,7 @@ class Probabilities:
     seconds: float = 0.0
 
 
-def run_backbone(run: Run, weights: str | None, cache: FeatureCache) -> Backbone:
+def load_run_backbone(run: Run, weights: str | None, cache: FeatureCache) -> Backbone:
     """The backbone a run was trained on, with the run's own preprocessing; refuses other weights."""
     spec = run.info["backbone"]
     source = weights if weights is not None else spec["weights"]
@@ -106,7 +106,7 @@ def run_probabilities(run: AnyRun, paths: Sequence[Path], cache: FeatureCache, *
     bad: dict[str, BadFile] = {}
     for i in chosen:
         member = all_members[i]
-        bb = run_backbone(member, weights, cache)
+        bb = load_run_backbone(member, weights, cache)
         views = tta_views(bb.data_config, tta)
         member_proba, result = view_probabilities(
             member.head, bb, paths, views, cache, precision=member.info["preprocessing"]["precision"],
@@ -120,7 +120,7 @@ def run_probabilities(run: AnyRun, paths: Sequence[Path], cache: FeatureCache, *
         for item in result.bad_files:  # a file can fail for one member only (e.g. non-finite features)
             bad.setdefault(item.path, item)
     assert oks is not None
-    member_weights = [run.weights[i] for i in chosen] if isinstance(run, EnsembleRun) else None
+    member_weights = [run.member_weights[i] for i in chosen] if isinstance(run, EnsembleRun) else None
     proba = average_probabilities([p[oks] for p in probas], member_weights)
     return Probabilities(proba=proba, ok=oks, bad_files=list(bad.values()), n_computed=computed,
                          seconds=time.perf_counter() - start)

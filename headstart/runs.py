@@ -110,7 +110,7 @@ class EnsembleRun:
     path: Path
     info: dict[str, Any]
     members: list[Run]
-    weights: list[float]
+    member_weights: list[float]  # one per member, as given (averaging normalises them)
 
     @property
     def class_names(self) -> list[str]:
@@ -190,23 +190,23 @@ def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metri
     return out
 
 
-def write_ensemble(out: Path, member_dirs: Sequence[Path], *, weights: Sequence[float] | None = None,
+def write_ensemble(out: Path, member_dirs: Sequence[Path], *, member_weights: Sequence[float] | None = None,
                    move: bool = False, extra: dict[str, Any] | None = None) -> EnsembleRun:
     """Assemble the runs in ``member_dirs`` into one ensemble run folder at ``out``.
 
     An ensemble among them is flattened into its members, which share its weight.
     """
     flat: list[tuple[Run, float]] = []
-    for run, w in zip([load_run(d) for d in member_dirs], weights or [1.0] * len(member_dirs)):
+    for run, w in zip([load_run(d) for d in member_dirs], member_weights or [1.0] * len(member_dirs)):
         if isinstance(run, EnsembleRun):
-            total = sum(run.weights)  # the inner ensemble as a whole gets weight w
-            flat.extend((m, w * mw / total) for m, mw in zip(run.members, run.weights))
+            total = sum(run.member_weights)  # the inner ensemble as a whole gets weight w
+            flat.extend((m, w * mw / total) for m, mw in zip(run.members, run.member_weights))
         else:
             flat.append((run, float(w)))
     return write_ensemble_run(Path(out), [m for m, _ in flat], [w for _, w in flat], move=move, extra=extra)
 
 
-def write_ensemble_run(out: Path, members: Sequence[Run], weights: Sequence[float], *, move: bool = False,
+def write_ensemble_run(out: Path, members: Sequence[Run], member_weights: Sequence[float], *, move: bool = False,
                        extra: dict[str, Any] | None = None) -> EnsembleRun:
     """Write an ensemble run of single runs ``members`` (copied, or moved with ``move``) to ``out``.
 
@@ -218,12 +218,12 @@ def write_ensemble_run(out: Path, members: Sequence[Run], weights: Sequence[floa
     """
     out = Path(out)
     check_compatible([m.class_names for m in members], [str(m.path) for m in members])
-    if any(w < 0 for w in weights) or not sum(weights) > 0:
+    if any(w < 0 for w in member_weights) or not sum(member_weights) > 0:
         raise UsageError("ensemble weights must be >= 0 and not all zero")
     entries = []
     with _staged(out) as staging:
         (staging / "members").mkdir()
-        for i, (member, weight) in enumerate(zip(members, weights)):
+        for i, (member, weight) in enumerate(zip(members, member_weights)):
             target = staging / "members" / str(i)
             if move:
                 shutil.move(str(member.path), target)
@@ -240,10 +240,10 @@ def write_ensemble_run(out: Path, members: Sequence[Run], weights: Sequence[floa
 
 
 def combine_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-                 weights: Sequence[float] | None = None) -> EnsembleRun:
+                 member_weights: Sequence[float] | None = None) -> EnsembleRun:
     """``headstart ensemble RUN_A RUN_B ... --out RUN``: copy existing runs with the same classes into one."""
     if len(run_dirs) < 2:
         raise UsageError("an ensemble needs at least 2 runs")
-    if weights is not None and len(weights) != len(run_dirs):
-        raise UsageError(f"{len(weights)} weights for {len(run_dirs)} runs; give one weight per run")
-    return write_ensemble(Path(out), [Path(d) for d in run_dirs], weights=weights)
+    if member_weights is not None and len(member_weights) != len(run_dirs):
+        raise UsageError(f"{len(member_weights)} member weights for {len(run_dirs)} runs; give one weight per run")
+    return write_ensemble(Path(out), [Path(d) for d in run_dirs], member_weights=member_weights)

@@ -116,7 +116,7 @@ def run_info(config: TrainConfig, data: TrainData, bb: Backbone, metrics: dict[s
         pipeline: the augmentation pipeline, or None.
         sections: more entries, e.g. ``head`` or ``finetune``.
     """
-    augmentation = None if pipeline is None else {"pipeline": pipeline.config(), "views": config.aug_views,
+    augmentation = None if pipeline is None else {"pipeline": pipeline.get_config(), "views": config.aug_views,
                                                   "seed": config.seed}
     return {
         "headstart_version": __version__,

@@ -80,7 +80,7 @@ def clean_view(data_config: dict[str, Any]) -> View:
 
 def augmented_views(pipeline: Any, data_config: dict[str, Any], n_views: int, seed: int = 0) -> list[View]:
     """``n_views`` augmented views; view ``v`` has the same cache key in any run with the same pipeline and seed."""
-    config = pipeline.config()
+    config = pipeline.get_config()
     return [View(AugmentedTransform(pipeline, data_config, seed, v),
                  {"view": "augmented", "augment": config, "seed": seed, "index": v}) for v in range(n_views)]
 

@@ -348,3 +348,10 @@ def test_shared_checks_name_the_parameter(check, value, message):
     assert str(info.value).startswith(message)
     getattr(_validation, check)({"check_preset": "light", "check_head_type": "mlp", "check_tta_mode": "flip",
                                  "check_folds": 2}.get(check, 1))  # a good value passes
+
+
+def test_extract_is_the_features_command_under_the_apis_name():
+    from headstart.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["extract", "photos"]).func is parser.parse_args(["features", "photos"]).func

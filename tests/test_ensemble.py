@@ -17,16 +17,16 @@ def test_identical_members_equal_one_member():
     p = random_proba()
     np.testing.assert_allclose(average_probabilities([p, p, p]), p)
     np.testing.assert_allclose(average_probabilities([p]), p)
-    np.testing.assert_allclose(average_probabilities([p, p], weights=[5, 1]), p)
+    np.testing.assert_allclose(average_probabilities([p, p], member_weights=[5, 1]), p)
 
 
 def test_weights_are_normalised():
     a, b = random_proba(seed=1), random_proba(seed=2)
     np.testing.assert_allclose(average_probabilities([a, b]), (a + b) / 2)
-    np.testing.assert_allclose(average_probabilities([a, b], weights=[3, 1]), 0.75 * a + 0.25 * b)
-    np.testing.assert_allclose(average_probabilities([a, b], weights=[0.3, 0.1]), 0.75 * a + 0.25 * b)
-    np.testing.assert_allclose(average_probabilities([a, b], weights=[0, 2]), b)
-    out = average_probabilities([a, b], weights=[2, 1])
+    np.testing.assert_allclose(average_probabilities([a, b], member_weights=[3, 1]), 0.75 * a + 0.25 * b)
+    np.testing.assert_allclose(average_probabilities([a, b], member_weights=[0.3, 0.1]), 0.75 * a + 0.25 * b)
+    np.testing.assert_allclose(average_probabilities([a, b], member_weights=[0, 2]), b)
+    out = average_probabilities([a, b], member_weights=[2, 1])
     np.testing.assert_allclose(out.sum(1), 1.0)
     assert a.shape == (7, 4) and np.isfinite(a).all()  # inputs untouched
 

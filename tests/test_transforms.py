@@ -379,11 +379,11 @@ def test_pca_stats_round_trip_and_fallback():
     back = PCAStats.from_dict(json.loads(json.dumps(stats.to_dict())))
     np.testing.assert_array_equal(back.eigvecs, stats.eigvecs)
     assert back.n_pixels == stats.n_pixels and back.source == "fitted"
-    assert build_pipeline("standard").config()["pca_source"] == "imagenet-alexnet"
-    assert build_pipeline("light").config()["pca_source"] is None
+    assert build_pipeline("standard").get_config()["pca_source"] == "imagenet-alexnet"
+    assert build_pipeline("light").get_config()["pca_source"] is None
     assert isinstance(build_pipeline("standard").steps[-1], PCAColor)
     assert not any(isinstance(s, PCAColor) for s in build_pipeline("light").steps)
-    fitted = build_pipeline("heavy", pca=stats).config()
+    fitted = build_pipeline("heavy", pca=stats).get_config()
     assert fitted["pca_source"] == "fitted"
     assert fitted["transforms"][-1]["stats"]["eigvals"] == stats.eigvals.tolist()
     np.testing.assert_allclose(PCAColor().stats.eigvals, IMAGENET_PCA.eigvals)
@@ -408,19 +408,20 @@ def test_config_round_trip_reproduces_outputs():
     batch = make_images(3, 70, 50)
     for preset in PRESETS:
         pipe = build_pipeline(preset, size=(30, 36), overrides={"render": {"fill": 77}})
-        cfg = json.loads(json.dumps(pipe.config()))
+        cfg = json.loads(json.dumps(pipe.get_config()))
         assert cfg["preset"] == preset and cfg["size"] == [30, 36] and cfg["render"]["fill"] == 77
         again = AugmentPipeline.from_config(cfg)
-        assert again.config() == cfg
+        assert again.get_config() == cfg
         assert torch.equal(again(batch, generator=gen(9)), pipe(batch, generator=gen(9)))
 
 
 def test_overrides_change_add_and_remove_transforms():
-    cfg = build_pipeline("standard", overrides={"affine": {"degrees": 20}, "elastic": {}, "pca_color": None}).config()
+    overrides = {"affine": {"degrees": 20}, "elastic": {}, "pca_color": None}
+    cfg = build_pipeline("standard", overrides=overrides).get_config()
     names = [t["name"] for t in cfg["transforms"]]
     assert names == ["resized_crop", "flip", "affine", "elastic", "channel_shift"]
     assert cfg["transforms"][2]["degrees"] == [-20.0, 20.0]
-    assert [t["name"] for t in build_pipeline("light", overrides={"resize": True}).config()["transforms"]] == [
+    assert [t["name"] for t in build_pipeline("light", overrides={"resize": True}).get_config()["transforms"]] == [
         "resize", "flip"]
     with pytest.raises(UsageError, match="did you mean 'affine'"):
         build_pipeline("standard", overrides={"afine": {"degrees": 20}})

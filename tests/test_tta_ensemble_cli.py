@@ -161,9 +161,9 @@ def test_report_escapes_names_from_the_data(tmp_path, run_cli):
 def test_nested_ensemble_keeps_the_inner_ensembles_weight(single, tree, tmp_path):
     headstart.make_ensemble([single, single], tmp_path / "inner")
     headstart.train(tree, tmp_path / "third", cache_dir=tmp_path / "c", num_workers=0, progress=False, val_split=0)
-    outer = headstart.make_ensemble([tmp_path / "inner", tmp_path / "third"], tmp_path / "outer", weights=[1, 3])
+    outer = headstart.make_ensemble([tmp_path / "inner", tmp_path / "third"], tmp_path / "outer", member_weights=[1, 3])
     assert len(outer.members) == 3
-    np.testing.assert_allclose(np.asarray(outer.weights) / sum(outer.weights), [0.125, 0.125, 0.75])
+    np.testing.assert_allclose(np.asarray(outer.member_weights) / sum(outer.member_weights), [0.125, 0.125, 0.75])
 
 
 def test_predict_on_an_empty_folder(single, tmp_path, run_cli):

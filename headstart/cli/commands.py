@@ -180,16 +180,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from ..api import make_ensemble
     from ..errors import UsageError
 
-    weights = None
+    member_weights = None
     if args.member_weights:
         try:
-            weights = [float(w) for w in args.member_weights.split(",")]
+            member_weights = [float(w) for w in args.member_weights.split(",")]
         except ValueError:
             raise UsageError(
                 f"--member-weights must be numbers separated by commas; got '{args.member_weights}'") from None
-    run = make_ensemble(args.runs, args.out, weights)
+    run = make_ensemble(args.runs, args.out, member_weights)
     summary = {"run": str(run.path), "members": len(run.members), "class_names": run.class_names,
-               "weights": run.weights}
+               "member_weights": run.member_weights}
     if args.json:
         _print_json(summary)
     else:

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=commands.cmd_ensemble)
 
-    p = sub.add_parser("features", help="pre-compute and cache backbone features only")
+    p = sub.add_parser("features", aliases=["extract"],
+                       help="pre-compute and cache backbone features only (the API's headstart.extract)")
     p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -170,8 +170,8 @@ class AugmentPipeline(AugmentTransform):
         return self._apply_any(to_image_tensor(inpt, "pipeline input"), params)
 
     # ---- configuration
-    def config(self) -> dict[str, Any]:
-        """The exact pipeline as JSON-serialisable data; :meth:`from_config` rebuilds it."""
+    def get_config(self) -> dict[str, Any]:
+        """The exact pipeline as JSON-serialisable data (as every transform's own); :meth:`from_config` rebuilds it."""
         pca = next((t.stats for t in self.transforms if isinstance(t, PCAColor)), None)
         return {
             "format": CONFIG_FORMAT,
@@ -183,9 +183,6 @@ class AugmentPipeline(AugmentTransform):
                            for t in self.transforms],
             "pca_source": None if pca is None else pca.source,
         }
-
-    def get_config(self) -> dict[str, Any]:
-        return self.config()
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> AugmentPipeline:
@@ -240,7 +237,7 @@ def build_pipeline(preset: str = "standard", size: int | tuple[int, int] = 224, 
 
     Example:
         >>> pipe = build_pipeline("heavy", size=(192, 256), overrides={"elastic": None, "affine": {"degrees": 5}})
-        >>> [t["name"] for t in pipe.config()["transforms"]]
+        >>> [t["name"] for t in pipe.get_config()["transforms"]]
         ['resized_crop', 'flip', 'affine', 'grid_distortion', 'channel_shift', 'pca_color']
     """
     if preset not in _PRESETS:
@@ -306,7 +303,7 @@ def describe_presets(size: int | tuple[int, int] = 224) -> list[dict[str, Any]]:
     """
     out = []
     for name, (summary, _) in _PRESETS.items():
-        cfg = build_pipeline(name, size).config()
+        cfg = build_pipeline(name, size).get_config()
         steps = [{k: v for k, v in t.items() if k != "stats"} for t in cfg["transforms"]]
         out.append({"name": name, "summary": summary, "transforms": steps, "pca_source": cfg["pca_source"]})
     return out
