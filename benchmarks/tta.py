@@ -43,8 +43,8 @@ from headstart.cache import FeatureCache
 from headstart.data import load_images, stratified_split
 from headstart.features import extract_views
 from headstart.heads import LinearHead
-from headstart.inference import view_probabilities
-from headstart.tta import predict_proba_views, tta_views
+from headstart.inference import predict_proba_views, view_probabilities
+from headstart.tta import tta_views
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ants_bees_train"
 TARGETS = {"cold": 10.5, "cached": 1.2}

@@ -15,7 +15,7 @@ SELECT_MODES: tuple[str, ...] = ("cv", "none")  # train(select=...): cross-valid
 CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced")  # --class-weight (the library takes None for "none")
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "standard", "heavy")  # transforms.build_pipeline
 TTA_MODES: tuple[str, ...] = ("none", "flip", "5crop", "10crop", "multiscale")  # tta.tta_crops
-TTA_AVERAGES: tuple[str, ...] = ("mean", "geomean")  # tta.average_views
+TTA_AVERAGES: tuple[str, ...] = ("mean", "geomean")  # inference.average_views
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")  # preprocess.resolve_precision
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")  # finetune.FinetuneConfig.optimizer
 FREEZE_MODES: tuple[str, ...] = ("all", "none", "auto", "probe")  # finetune.parse_freeze (or a number of stages)

@@ -171,7 +171,7 @@ class _Head(ClassifierMixin, BaseEstimator):
         no temporaries). The mean is not folded into the bias: for a feature that was constant in
         training the scale is tiny, and ``x @ (W / scale) - (W / scale) @ mean`` would cancel badly.
         ``predict_proba`` is the softmax of these logits. Use it to score blocks of rows that are
-        already tensors (:func:`~headstart.tta.predict_proba_cached`) without per-call overhead.
+        already tensors (:func:`~headstart.inference.predict_proba_cached`) without per-call overhead.
         """
         self._check_fitted()
         self.module_.eval()

@@ -199,7 +199,7 @@ def test_the_last_cache_on_a_folder_lets_its_memory_maps_go(filled):
 
 def test_a_head_that_writes_into_its_input_gets_a_copy(tmp_path):
     from headstart.features import FeatureResult
-    from headstart.tta import predict_proba_cached
+    from headstart.inference import predict_proba_cached
 
     with FeatureCache(tmp_path / "c32", dtype="float32") as cache:
         rows = _rows(3, 0)

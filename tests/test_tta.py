@@ -12,17 +12,8 @@ from PIL import Image
 from headstart.cache import model_key
 from headstart.errors import UsageError
 from headstart.features import CleanTransform, extract_features, extract_views, feature_description
-from headstart.tta import (
-    TTA_MODES,
-    TTATransform,
-    average_views,
-    crop_box,
-    crop_boxes,
-    predict_proba_cached,
-    predict_proba_views,
-    tta_crops,
-    tta_views,
-)
+from headstart.inference import average_views, predict_proba_cached, predict_proba_views
+from headstart.tta import TTA_MODES, TTATransform, crop_box, crop_boxes, tta_crops, tta_views
 
 # nearest-neighbour resize and mean 0 / std 1 make pixels traceable: a crop's values are source pixels / 255
 CONFIG = {"input_size": (3, 32, 32), "interpolation": "nearest", "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),

@@ -93,19 +93,19 @@ def _scored_on_val(run, tree, cache_dir, val_split=0.34):
     return json.loads(json.dumps(classification_metrics(val_set.labels[probs.ok], probs.proba, run.class_names)))
 
 
-def test_interrupted_ensemble_resumes_with_its_finished_members(tree, tmp_path, monkeypatch, capsys):
+def test_interrupted_ensemble_resumes_with_its_finished_members(tree, tmp_path, capsys):
+    from headstart.train_ensemble import train_ensemble
+
     kw = {"cache_dir": tmp_path / "c", "num_workers": 0, "val_split": 0.34, "ensemble": 2}
-    real = training._train_single
 
     def dies_at_the_second_member(config, data, out, progress):
         if out.name == "1":
             raise KeyboardInterrupt
-        return real(config, data, out, progress)
+        return training._train_single(config, data, out, progress)
 
-    monkeypatch.setattr(training, "_train_single", dies_at_the_second_member)
+    config = training.TrainConfig(**{**kw, "cache_dir": str(kw["cache_dir"])})
     with pytest.raises(KeyboardInterrupt):
-        headstart.train(tree, tmp_path / "ens", progress=False, **kw)
-    monkeypatch.setattr(training, "_train_single", real)
+        train_ensemble(config, tree, tmp_path / "ens", False, train_member=dies_at_the_second_member)
     capsys.readouterr()
     run = headstart.train(tree, tmp_path / "ens", resume=True, **kw)
     assert "ensemble member 1/2: already trained, kept" in capsys.readouterr().err
