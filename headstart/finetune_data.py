@@ -7,7 +7,6 @@ augmented view per image per epoch from worker processes. Both give the loop the
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,11 +23,6 @@ from .features import Cut, View, default_num_workers, extract_views
 from .stages import StagePlan, stage_plan
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-
-
-def derive_seed(*parts: Any) -> int:
-    """A seed from ``parts`` (e.g. seed, "epoch", epoch): the same parts, the same seed, on any machine."""
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
 class CutBatches:

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, TrainState
-from .finetune_data import Batches, CutData, ImageData, derive_seed
+from .finetune_data import Batches, CutData, ImageData
 from .finetune_model import FinetuneModel, set_train_mode
 from .preprocess import autocast
+from .views import derive_seed
 
 if TYPE_CHECKING:
     from .finetune import FinetuneConfig

@@ -69,9 +69,14 @@ class AugmentedTransform:
         return (out.float() / 255.0 - self.mean) / self.std
 
 
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` (e.g. seed, "epoch", epoch): the same parts, the same seed, on any machine."""
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
 def view_seed(seed: int, image_key: str, view: int) -> int:
-    """A 63-bit seed that depends only on the run seed, the image's content and the view index."""
-    return int(hashlib.sha256(f"{seed}|{image_key}|{view}".encode()).hexdigest()[:15], 16)
+    """A seed that depends only on the run seed, the image's content and the view index."""
+    return derive_seed(seed, image_key, view)
 
 
 def clean_view(data_config: dict[str, Any]) -> View:
