@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,21 @@ def eval_transform(data_config: dict[str, Any]):
 
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
     return timm.data.create_transform(**cfg, is_training=False)
+
+
+def resize_size(data_config: dict[str, Any], scale: float = 1.0) -> tuple[int, int]:
+    """``(height, width)`` the eval transform resizes to before its crop: ``floor(S / crop_pct)``.
+
+    In timm's ``center`` mode the shorter side becomes this (the longer one is larger), in ``squash``
+    mode the whole image, in ``border`` mode the longer side; so an image at least this large on both
+    sides is only ever shrunk. ``scale`` multiplies it (TTA ``multiscale``), never below the crop.
+    """
+    crop_pct = data_config.get("crop_pct") or 0.875  # timm's default when the config has none
+    crop = tuple(int(s) for s in data_config["input_size"][1:])
+    size = tuple(math.floor(s / crop_pct) for s in crop)
+    if scale != 1.0:
+        size = tuple(max(c, round(s * scale)) for s, c in zip(size, crop))
+    return size  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,7 +36,6 @@ bounded whatever the number of crops):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +48,7 @@ from ._constants import TTA_AVERAGES, TTA_MODES  # noqa: F401  (TTA_MODES: also 
 from ._validation import check_tta_mode
 from .errors import UsageError
 from .features import View
-from .preprocess import eval_transform
+from .preprocess import eval_transform, resize_size
 
 #: Shorter-side factors (relative to the eval resize) of the ``multiscale`` mode.
 SCALES = (0.875, 1.0, 1.143)
@@ -154,11 +153,7 @@ def _resize_step(data_config: dict[str, Any], scale: float):
     from timm.data.transforms import ResizeKeepRatio, str_to_interp_mode
     from torchvision import transforms
 
-    crop_pct = data_config.get("crop_pct") or 0.875  # timm's default when the config has none
-    crop = tuple(int(s) for s in data_config["input_size"][1:])
-    scale_size = tuple(math.floor(s / crop_pct) for s in crop)
-    if scale != 1.0:  # never smaller than the crop, so every crop fits
-        scale_size = tuple(max(c, round(s * scale)) for s, c in zip(scale_size, crop))
+    scale_size = resize_size(data_config, scale)  # never smaller than the crop, so every crop fits
     interpolation = data_config.get("interpolation", "bilinear")
     if data_config.get("crop_mode") == "squash":
         return transforms.Resize(scale_size, interpolation=str_to_interp_mode(interpolation))
@@ -260,14 +255,18 @@ class TTATransform:
         return out.flip(-1) if self.crop.flip else out.clone()  # a copy: the memo must stay untouched
 
 
-def tta_views(data_config: dict[str, Any], mode: str) -> list[View]:
+def tta_views(data_config: dict[str, Any], mode: str, draft: bool = True) -> list[View]:
     """The views of a TTA mode for :func:`~headstart.features.extract_views`, centre first.
 
     The centre view's description is ``{"view": "clean"}`` (it shares the clean feature cache); every
     other view's is ``{"view": "tta", "crop": position, "flip": bool, "scale": s, "version": 1}``, so a
     crop has one cache entry whichever mode asks for it. All views share one resize memo, so an image
     is resized once per scale for all its crops.
+
+    With ``draft`` (as :func:`~headstart.views.clean_view`), each view asks the decoder for at least its
+    own scale's resize size, so a large JPEG is decoded at reduced scale with enough pixels for it.
     """
     memo = _ResizeMemo()
-    return [View(TTATransform(data_config, mode, i, memo), crop.description())
+    return [View(TTATransform(data_config, mode, i, memo), crop.description(),
+                 resize_size(data_config, crop.scale) if draft else None)
             for i, crop in enumerate(tta_crops(mode))]

@@ -10,8 +10,11 @@ from conftest import make_image, make_tree, truncated_jpeg
 from PIL import Image
 
 from headstart.data import (
+    DRAFT_MARGIN,
     ImageDecodeError,
+    decode_bytes,
     decode_image,
+    draft_scale,
     list_image_paths,
     load_images,
     stratified_split,
@@ -215,6 +218,54 @@ def test_decode_does_not_leak_bytes_io(tmp_path):
     Image.new("RGB", (5, 5)).save(buffer, "PNG")
     (tmp_path / "x.png").write_bytes(buffer.getvalue())
     assert decode_image(tmp_path / "x.png").size == (5, 5)
+
+
+# ------------------------------------------------------------------------------------------- reduced scale
+
+
+def _jpeg(image: Image.Image, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_but_large_enough():
+    rng = np.random.default_rng(0)
+    data = _jpeg(Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((2000, 1500)))
+    full = decode_bytes(data)
+    for need, scale in (((224, 224), 2), ((150, 150), 4), ((80, 100), 8), ((400, 400), 1)):
+        image = decode_bytes(data, min_size=need)
+        assert draft_scale(data, need) == scale and image.size == (-(-2000 // scale), -(-1500 // scale))
+        assert image.height >= DRAFT_MARGIN * need[0] and image.width >= DRAFT_MARGIN * need[1]
+        small_full = np.asarray(full.resize(image.size, Image.BILINEAR), dtype=np.float32)
+        assert np.abs(np.asarray(image, dtype=np.float32) - small_full).mean() < 8  # the same picture
+    assert np.array_equal(np.asarray(decode_bytes(data, min_size=(600, 600))), np.asarray(full))  # 1/1: as ever
+
+
+def test_small_or_non_jpeg_images_are_decoded_in_full(tmp_path):
+    png = tmp_path / "big.png"
+    Image.new("RGB", (2000, 1500), (1, 2, 3)).save(png)
+    assert decode_image(png, min_size=(100, 100)).size == (2000, 1500)
+    assert draft_scale(png.read_bytes(), (100, 100)) == 1
+    small = make_image(tmp_path / "s.jpg", (90, 90, 90), size=300)
+    assert np.array_equal(np.asarray(decode_image(small, min_size=(224, 224))), np.asarray(decode_image(small)))
+    assert draft_scale(b"not an image", (10, 10)) == 1
+    with pytest.raises(ImageDecodeError, match="cannot decode") as info:
+        decode_bytes(truncated_jpeg(tmp_path / "t.jpg").read_bytes(), min_size=(8, 8))
+    assert info.value.permanent
+
+
+def test_reduced_scale_respects_exif_orientation():
+    upright = Image.new("RGB", (1500, 2000), (220, 20, 20))  # red top half, blue bottom half
+    upright.paste((20, 20, 220), (0, 1000, 1500, 2000))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter; shown upright after a 90-degree clockwise turn
+    data = _jpeg(upright.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
+    # 450 x 200 upright needs 900 x 400, i.e. 900 of the stored width: 1/2 scale (the wrong way round: none)
+    image = decode_bytes(data, min_size=(450, 200))
+    assert image.size == (750, 1000)
+    array = np.asarray(image)
+    assert array[:450, :, 0].mean() > 200 and array[550:, :, 2].mean() > 200
 
 
 # ------------------------------------------------------------------------------------------- split

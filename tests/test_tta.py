@@ -13,6 +13,7 @@ from headstart.cache import model_key
 from headstart.errors import UsageError
 from headstart.features import CleanTransform, extract_features, extract_views, feature_description
 from headstart.inference import average_views, predict_proba_cached, predict_proba_views
+from headstart.preprocess import resize_size
 from headstart.tta import TTA_MODES, TTATransform, crop_box, crop_boxes, tta_crops, tta_views
 
 # nearest-neighbour resize and mean 0 / std 1 make pixels traceable: a crop's values are source pixels / 255
@@ -208,7 +209,7 @@ def test_tta_views_in_extract_views_reuse_clean_cache(tree, backbone, cache):
     assert flip.n_computed == 0  # the mirrored centre was cached by 10crop
     np.testing.assert_array_equal(flip.features[:, 1], result.features[:, 5])
     clean_key = model_key(feature_description(backbone, result.precision, dtype=cache.dtype.name,
-                                              view={"view": "clean"}))
+                                              view={"view": "clean"}, min_size=resize_size(backbone.data_config)))
     assert result.model_key == clean.model_key == clean_key
 
 
@@ -237,3 +238,33 @@ def test_predict_proba_cached_needs_locations(backbone):
 
     with pytest.raises(UsageError, match="load=False"):
         predict_proba_cached(None, None, FeatureResult(features=np.zeros((1, 1, 0)), ok=np.ones(1, bool)))
+
+
+def test_multiscale_views_of_a_large_jpeg_decode_once_with_enough_pixels(tmp_path, backbone, cache, monkeypatch):
+    import headstart.views
+    from headstart.data import DRAFT_MARGIN, decode_bytes
+    from headstart.features import Decoder
+
+    path = tmp_path / "big.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).resize((2000, 1500), Image.BICUBIC).save(
+        path, quality=90)
+    views = tta_views(backbone.data_config, "multiscale")
+    assert [v.min_size for v in views[:3]] == [(256, 256), (224, 224), (293, 293)]  # lite0: 224 px, crop 0.875
+    decoded = []
+
+    def counting(data, path, min_size=None):
+        image = decode_bytes(data, path, min_size)
+        decoded.append(image.size)
+        return image
+
+    monkeypatch.setattr(headstart.views, "decode_bytes", counting)  # known to decode as decode_bytes does
+    drafted = extract_views(backbone, [path], views, cache=cache, num_workers=0, progress=False,
+                            decoder=Decoder(decode=counting))
+    assert decoded == [(1000, 750)]  # one 1/2-scale decode serves all six views ...
+    assert min(decoded[0]) >= DRAFT_MARGIN * 293  # ... with room for the largest scale
+    full = extract_views(backbone, [path], tta_views(backbone.data_config, "multiscale", draft=False), cache=cache,
+                         num_workers=0, progress=False)
+    assert full.n_computed == 6
+    a, b = drafted.features[0], full.features[0]
+    assert (np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() >= 0.99

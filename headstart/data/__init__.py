@@ -12,7 +12,15 @@ stratified, content-grouped split, and ``load`` recognises the layout and puts t
 
 from __future__ import annotations
 
-from .decode import DECODE_VERSION, ImageDecodeError, decode_bytes, decode_image
+from .decode import (
+    DECODE_VERSION,
+    DRAFT_MARGIN,
+    ImageDecodeError,
+    decode_bytes,
+    decode_image,
+    draft_description,
+    draft_scale,
+)
 from .images import (
     IMAGE_EXTENSIONS,
     LAYOUT_HINT,
@@ -29,9 +37,8 @@ from .load import TRAIN_FOLDER_NAMES, VAL_FOLDER_NAMES, load_images
 from .split import content_groups, stratified_split
 
 __all__ = [
-    "DECODE_VERSION", "IMAGE_EXTENSIONS", "LAYOUT_HINT", "TRAIN_FOLDER_NAMES", "VAL_FOLDER_NAMES", "BadFile",
-    "ImageDecodeError", "ImageSet", "LoadedData", "content_groups", "decode_bytes", "decode_image",
-    "is_image_file", "list_image_paths", "load_images", "read_csv_manifest",
-    "require_every_class", "scan_class_folders",
-    "stratified_split",
+    "DECODE_VERSION", "DRAFT_MARGIN", "IMAGE_EXTENSIONS", "LAYOUT_HINT", "TRAIN_FOLDER_NAMES", "VAL_FOLDER_NAMES",
+    "BadFile", "ImageDecodeError", "ImageSet", "LoadedData", "content_groups", "decode_bytes", "decode_image",
+    "draft_description", "draft_scale", "is_image_file", "list_image_paths", "load_images", "read_csv_manifest",
+    "require_every_class", "scan_class_folders", "stratified_split",
 ]
