@@ -16,9 +16,12 @@ Heads save as safetensors (tensors) + JSON (settings): no pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,23 @@ def class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.
     raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
 
 
+@contextlib.contextmanager
+def _optim_without_dynamo() -> Iterator[None]:
+    """``torch.optim`` without importing ``torch._dynamo`` (2-3 s, most of a warm ``headstart train``).
+
+    ``torch._disable_dynamo`` wraps ``Optimizer.add_param_group``, ``zero_grad`` and ``state_dict`` and imports
+    ``torch._dynamo`` on their first call only to keep them out of compiled graphs; while it is not imported
+    nothing is compiled, so the wrapper may call the plain method, found in its ``__dynamo_disable`` cache."""
+    names = () if "torch._dynamo" in sys.modules else ("add_param_group", "zero_grad", "state_dict")
+    plain = [getattr(getattr(torch.optim.Optimizer, n, None), "__wrapped__", None) for n in names]
+    plain = [fn for fn in plain if fn is not None and getattr(fn, "__dynamo_disable", None) is None]
+    for fn in plain:
+        setattr(fn, "__dynamo_disable", fn)
+    try:
+        yield
+    finally:
+        for fn in (fn for fn in plain if getattr(fn, "__dynamo_disable", None) is fn):
+            delattr(fn, "__dynamo_disable")
 
 
 def _check_class_weight(class_weight: Any) -> None:
@@ -241,10 +261,8 @@ class LinearHead(_Head):
 
     def __init__(self, weight_decay: float | None = None, class_weight: Any = None, standardize: bool = False,
                  max_iter: int = 300) -> None:
-        self.weight_decay = weight_decay
-        self.class_weight = class_weight
-        self.standardize = standardize
-        self.max_iter = max_iter
+        self.weight_decay, self.class_weight, self.standardize, self.max_iter = (weight_decay, class_weight,
+                                                                                standardize, max_iter)
 
     def _build(self, n_features: int, n_classes: int) -> nn.Module:
         return nn.Sequential(_Standardize(n_features), nn.Linear(n_features, n_classes))
@@ -260,8 +278,7 @@ class LinearHead(_Head):
         with torch.no_grad():
             head.module_[1].weight.copy_(layer.weight)
             head.module_[1].bias.copy_(layer.bias)
-        head.classes_ = np.asarray(classes)
-        head.n_features_in_ = layer.in_features
+        head.classes_, head.n_features_in_ = np.asarray(classes), layer.in_features
         return head
 
     def validate_params(self) -> None:
@@ -301,8 +318,6 @@ class LinearHead(_Head):
         sw = torch.from_numpy(class_weights(target, k, self.class_weight, self.classes_))[yt]
         weight = torch.zeros(X.shape[1], k, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=self.max_iter, history_size=20,
-                                      line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
@@ -311,8 +326,11 @@ class LinearHead(_Head):
             loss.backward()
             return loss
 
-        optimizer.step(closure)
-        self.n_iter_ = int(optimizer.state_dict()["state"][0]["n_iter"])
+        with _optim_without_dynamo():
+            optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=self.max_iter, history_size=20,
+                                          line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+            optimizer.step(closure)
+            self.n_iter_ = int(optimizer.state_dict()["state"][0]["n_iter"])
         with torch.no_grad():
             linear.weight.copy_(weight.T.float())
             linear.bias.copy_(bias.float())
@@ -345,14 +363,8 @@ class MLPHead(_Head):
     def __init__(self, hidden: int = DEFAULT_MLP_HIDDEN, dropout: float = 0.3, weight_decay: float = 1e-2,
                  lr: float = 1e-3, epochs: int | None = None, batch_size: int = 64, class_weight: Any = None,
                  seed: int = 0) -> None:
-        self.hidden = hidden
-        self.dropout = dropout
-        self.weight_decay = weight_decay
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.class_weight = class_weight
-        self.seed = seed
+        self.hidden, self.dropout, self.weight_decay, self.lr = hidden, dropout, weight_decay, lr
+        self.epochs, self.batch_size, self.class_weight, self.seed = epochs, batch_size, class_weight, seed
 
     def _build(self, n_features: int, n_classes: int) -> nn.Module:
         return nn.Sequential(_Standardize(n_features), nn.Linear(n_features, self.hidden), nn.GELU(),
@@ -389,8 +401,7 @@ class MLPHead(_Head):
             torch.manual_seed(self.seed)
             module = self._build(X.shape[2], k)
         module[0] = self._standardizer(X.reshape(-1, X.shape[2]))
-        xt = _tensor(X)
-        yt = torch.from_numpy(target)
+        xt, yt = _tensor(X), torch.from_numpy(target)
         cw = torch.from_numpy(class_weights(target, k, self.class_weight, self.classes_)).float()
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = math.ceil(n / self.batch_size)
@@ -435,6 +446,5 @@ def load_head(path: str | os.PathLike[str]) -> LinearHead | MLPHead:
     module = head._build(int(meta["n_features_in"]), len(classes))
     module.load_state_dict(load_file(str(path)), strict=True)
     head.module_ = module.eval()
-    head.classes_ = classes
-    head.n_features_in_ = int(meta["n_features_in"])
+    head.classes_, head.n_features_in_ = classes, int(meta["n_features_in"])
     return head

@@ -355,3 +355,41 @@ def test_extract_is_the_features_command_under_the_apis_name():
 
     parser = build_parser()
     assert parser.parse_args(["extract", "photos"]).func is parser.parse_args(["features", "photos"]).func
+
+
+def test_warm_train_builds_no_model_and_imports_no_dynamo(tree, tmp_path, cli):
+    """A warm train (features, digest and classifier cached) needs neither timm nor ``torch._dynamo``.
+
+    ``torch.optim`` imports ``torch._dynamo`` (2-3 s) on an optimizer's first use unless the linear head
+    avoids it. A fresh interpreter: this test session may have imported both already.
+    """
+    import subprocess
+    import sys
+
+    base = ["train", str(tree), "--cache-dir", str(tmp_path / "c"), "--workers", "0", "-q"]
+    assert cli(*base, "--out", tmp_path / "cold")[0] == 0
+    script = ("import sys\nfrom headstart.cli import main\n"
+              f"argv = {base!r}\n"
+              "for i, extra in enumerate(([], ['--select', 'none', '--weight-decay', '0.01'])):\n"
+              "    assert main([*argv, '--out', f'{sys.argv[1]}{i}', *extra]) == 0\n"
+              "print(sorted(m for m in ('timm', 'torch._dynamo') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "warm")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    for i in (0, 1):
+        assert json.loads((tmp_path / f"warm{i}" / "metrics.json").read_text())["features"]["n_computed"] == 0
+
+
+def test_console_entry_leaves_the_exit_gc_nothing_to_do(monkeypatch, capsys):
+    """Only the process entry (no ``argv``) freezes the objects left, which spares the exit's collections."""
+    import gc
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["headstart", "backbones", "tf_efficientnet_lite0", "--json"])
+    try:
+        assert main() == 0 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert main(["backbones", "tf_efficientnet_lite0", "--json"]) == 0 and gc.get_freeze_count() == 0
+    assert capsys.readouterr().out.count('"name": "tf_efficientnet_lite0"') == 2
