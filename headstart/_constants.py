@@ -17,6 +17,7 @@ AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "standard", "heavy")  # tra
 TTA_MODES: tuple[str, ...] = ("none", "flip", "5crop", "10crop", "multiscale")  # tta.tta_crops
 TTA_AVERAGES: tuple[str, ...] = ("mean", "geomean")  # inference.average_views
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")  # preprocess.resolve_precision
+ENGINES: tuple[str, ...] = ("auto", "torch", "openvino")  # engines.resolve_engine: what runs the forward
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")  # finetune.FinetuneConfig.optimizer
 FREEZE_MODES: tuple[str, ...] = ("all", "none", "auto", "probe")  # finetune.parse_freeze (or a number of stages)
 FEATURE_SOURCES: tuple[str, ...] = ("pooled", "logits", "pooled+logits")  # sources.check_source

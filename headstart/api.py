@@ -40,20 +40,25 @@ def extract(
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = True,
+    engine: str = "auto",
 ) -> dict[str, Any]:
-    """Pre-compute and cache the features of every image in ``data`` (``headstart features``)."""
+    """Pre-compute and cache the features of every image in ``data`` (``headstart features``).
+
+    ``engine``: what runs the forward (``auto``, ``torch``, ``openvino``; :mod:`headstart.engines`).
+    """
     loaded = load_images(data, val_split=0, min_classes=1)  # a train/ + val/ tree still yields both parts
     paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
     with FeatureCache(cache_dir) as cache:
         bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights, memo=cache)
         result = extract_features(bb, paths, cache=cache, precision=precision, batch_size=batch_size,
-                                  num_workers=num_workers, progress=progress)
+                                  num_workers=num_workers, progress=progress, engine=engine)
         root = str(cache.root)
     bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
     return {"n_images": len(paths), "n_computed": result.n_computed, "n_cached": result.n_cached,
             "n_bad": len(bad), "bad_files": bad, "seconds": round(result.seconds, 3),
             "images_per_second": round(result.images_per_second, 2), "backbone": bb.name,
-            "weights_digest": bb.weights_digest, "cache_dir": root}
+            "weights_digest": bb.weights_digest, "engine": result.engine, "precision": result.precision,
+            "cache_dir": root}
 
 
 def _images_for_evaluation(run: AnyRun, data: Any) -> tuple[Any, ImageSet, np.ndarray]:

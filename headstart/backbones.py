@@ -83,6 +83,9 @@ class Backbone:
         self.weights_source = weights_source
         self.weights_digest = weights_digest
 
+    #: what runs the forward of pooled features: ``auto``, ``torch`` or ``openvino`` (:mod:`headstart.engines`)
+    engine: str = "auto"
+
     @property
     def model(self) -> nn.Module:
         if self._model is None:

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from ._validation import check_batch_size, check_num_workers
 from .backbones import Backbone
 from .cache import FeatureCache, Locations, model_key
-from .data import BadFile, decode_bytes
+from .data import BadFile, decode_bytes, draft_description
+from .engines import engine_signature, openvino_forward, resolve_engine
 from .errors import UsageError
 from .preprocess import autocast, decoder_id, preprocessing_signature, resolve_precision
 from .views import AugmentedTransform, CleanTransform, View, ViewsOfFiles, augmented_views, clean_view, view_seed
@@ -66,6 +67,7 @@ class FeatureResult:
     precision: str = ""
     locations: Locations | None = None  # where each (view, image) row lives in the cache
     dim: int = 0
+    engine: str = "torch"  # what ran the forward of the rows computed (headstart.engines)
 
 
 def default_num_workers() -> int:
@@ -75,10 +77,14 @@ def default_num_workers() -> int:
 
 
 def feature_description(backbone: Backbone, precision: str, cut: str = CUT_POOLED,
-                        dtype: str = "float16", view: dict[str, Any] | None = None) -> dict[str, Any]:
+                        dtype: str = "float16", view: dict[str, Any] | None = None,
+                        min_size: Sequence[int] | None = None, engine: str = "torch") -> dict[str, Any]:
     """What, besides the image, determines a cached feature row; hashed into the model key.
 
     The clean view's description has no ``view`` entry, so its keys are those of plain extraction.
+    A view decoded at reduced scale for ``min_size`` (:attr:`View.min_size`) has a ``draft`` entry:
+    its pixels differ from a full decode's for large JPEGs, so the two never share rows. An engine
+    other than PyTorch (:mod:`headstart.engines`) has an ``engine`` entry.
     """
     description = {
         "backbone": backbone.name,
@@ -89,6 +95,10 @@ def feature_description(backbone: Backbone, precision: str, cut: str = CUT_POOLE
     }
     if view is not None and view.get("view") != "clean":
         description["view"] = view
+    if min_size is not None:
+        description["draft"] = draft_description(min_size)
+    if (signature := engine_signature(engine)) is not None:
+        description["engine"] = signature
     return description
 
 
@@ -119,10 +129,11 @@ class Decoder:
     the cache (a decoder with a new name tries again the images an older one could not read).
 
     ``decode(data, path)`` raises :class:`~headstart.data.ImageDecodeError`; it must be picklable (it
-    runs in DataLoader workers).
+    runs in DataLoader workers). A decode that also takes ``min_size`` is given each view's
+    :attr:`View.min_size` (see :func:`~headstart.data.decode_bytes`); one that does not decodes in full.
     """
 
-    decode: Callable[[bytes, Path], Any] = decode_bytes
+    decode: Callable[..., Any] = decode_bytes
     name: str = field(default_factory=decoder_id)
 
 
@@ -142,6 +153,7 @@ def extract_features(
     flush_every: int = 256,
     progress: bool = True,
     desc: str = "features",
+    engine: str | None = None,
 ) -> FeatureResult:
     """Pooled backbone features of every image, computing only what the cache lacks.
 
@@ -156,13 +168,14 @@ def extract_features(
         flush_every: write new rows to the cache after this many images, all their views (and on
             interruption).
         progress: show a progress bar on stderr.
+        engine: ``auto``, ``torch`` or ``openvino`` (:mod:`headstart.engines`); default the backbone's own.
 
     Returns:
         FeatureResult with ``features`` of shape ``(n, dim)``; ``n_computed == 0`` on a warm cache.
     """
     result = extract_views(backbone, paths, [clean_view(backbone.data_config)], cache=cache,
                            batch_size=batch_size, num_workers=num_workers, precision=precision, device=device,
-                           flush_every=flush_every, progress=progress, desc=desc)
+                           flush_every=flush_every, progress=progress, desc=desc, engine=engine)
     result.features = result.features[:, 0]
     return result
 
@@ -183,6 +196,7 @@ def extract_views(
     cut: Cut | None = None,
     load: bool = True,
     decoder: Decoder | None = None,
+    engine: str | None = None,
 ) -> FeatureResult:
     """Features of several views of every image (e.g. clean + K augmented), through the cache.
 
@@ -193,7 +207,8 @@ def extract_views(
 
     Each image is read and decoded once for all of its missing views. Arguments as in
     :func:`extract_features`; ``batch_size`` counts forwarded views; ``decoder`` defaults to
-    :func:`~headstart.data.decode_bytes` under :func:`~headstart.preprocess.decoder_id`.
+    :func:`~headstart.data.decode_bytes` under :func:`~headstart.preprocess.decoder_id`; ``engine``
+    (``auto``, ``torch``, ``openvino``; :mod:`headstart.engines`) defaults to the backbone's own.
 
     Returns:
         FeatureResult with ``features`` of shape ``(n, len(views), dim)``; ``n_computed`` counts views.
@@ -204,11 +219,14 @@ def extract_views(
             return extract_views(backbone, paths, views, cache=own, batch_size=batch_size,
                                  num_workers=num_workers, precision=precision, device=device,
                                  flush_every=flush_every, progress=progress, desc=desc, cut=cut, load=load,
-                                 decoder=decoder)
+                                 decoder=decoder, engine=engine)
     start = time.perf_counter()
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    job = _Job(backbone, [Path(p) for p in paths], views, cache, decoder or Decoder(), device,
-               resolve_precision(precision, device), cut, batch_size, num_workers, flush_every, progress, desc)
+    precision = resolve_precision(precision, device)
+    engine = "torch" if cut is not None else resolve_engine(engine or getattr(backbone, "engine", "auto"),
+                                                             device, precision)
+    job = _Job(backbone, [Path(p) for p in paths], views, cache, decoder or Decoder(), device, precision, engine,
+               cut, batch_size, num_workers, flush_every, progress, desc)
     image_keys, bad = cache.image_keys(job.paths)
     filled = _fill(job, image_keys, bad)
     ok = filled.located.found.all(axis=0)
@@ -220,7 +238,7 @@ def extract_views(
         features=features, ok=ok, bad_files=_bad_files(job.paths, image_keys, bad, ok, filled.failures),
         n_computed=filled.n_computed, n_cached=filled.n_cached, seconds=seconds,
         images_per_second=n / seconds if seconds > 0 else 0.0, model_key=job.keys[0], precision=job.precision,
-        locations=filled.located, dim=job.dim,
+        locations=filled.located, dim=job.dim, engine=job.engine,
     )
 
 
@@ -242,6 +260,7 @@ class _Job:
     decoder: Decoder
     device: torch.device
     precision: str
+    engine: str  # resolved: "torch" or "openvino"
     cut: Cut | None
     batch_size: int
     num_workers: int | None
@@ -250,6 +269,7 @@ class _Job:
     desc: str
     dim: int = field(init=False)
     keys: list[str] = field(init=False)
+    forward: Callable[[torch.Tensor], np.ndarray] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.dim = self.backbone.num_features if self.cut is None else self.cut.dim
@@ -257,7 +277,8 @@ class _Job:
         models = []
         for view in self.views:
             description = feature_description(self.backbone, self.precision, cut=cut_name,
-                                              dtype=self.cache.dtype.name, view=view.description)
+                                              dtype=self.cache.dtype.name, view=view.description,
+                                              min_size=view.min_size, engine=self.engine)
             models.append((model_key(description), description, self.dim))
         self.keys = [key for key, _, _ in models]
         self.cache.register_models(models)
@@ -357,8 +378,7 @@ def _compute_missing(job: _Job, todo: dict[str, tuple[int, list[int]]]) -> _Outc
     (every ``flush_every`` images, and on success and interruption alike: computed rows are kept)."""
     order = list(todo.items())  # (expected image key, (path index, missing views))
     loader = _loader(job, order)
-    model = job.backbone.model.to(job.device).eval()
-    model.to(memory_format=torch.channels_last)
+    job.forward = _forward_function(job)
     pending = _Pending(job.cache, job.decoder.name, job.dim * job.cache.dtype.itemsize)
     outcome = _Outcome()
     bar = tqdm(total=len(order), desc=job.desc, unit="img", file=sys.stderr, disable=not job.progress, leave=False)
@@ -373,6 +393,16 @@ def _compute_missing(job: _Job, todo: dict[str, tuple[int, list[int]]]) -> _Outc
         pending.flush()
         bar.close()
     return outcome
+
+
+def _forward_function(job: _Job) -> Callable[[torch.Tensor], np.ndarray]:
+    """``batch -> (n, dim)`` features in the job's engine (the PyTorch model is built only for PyTorch,
+    or to convert it the first time for another engine)."""
+    if job.engine == "openvino":
+        return openvino_forward(job.backbone, job.precision, job.cache.root / "engines")
+    model = job.backbone.model.to(job.device).eval()
+    model.to(memory_format=torch.channels_last)
+    return lambda batch: forward_batch(job.backbone, batch, job.device, job.precision, job.cut)
 
 
 def _loader(job: _Job, order: list[tuple[str, tuple[int, list[int]]]]) -> DataLoader:
@@ -407,7 +437,7 @@ def _forward_items(job: _Job, order: list[tuple[str, tuple[int, list[int]]]], it
         owners.extend((expected, actual, v) for v in item["views"])
     if not tensors:
         return
-    out = forward_batch(job.backbone, torch.cat(tensors), job.device, job.precision, job.cut)
+    out = job.forward(torch.cat(tensors))
     finite = np.isfinite(out).all(axis=1)
     for row, (expected, actual, v) in enumerate(owners):
         if finite[row]:

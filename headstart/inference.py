@@ -8,6 +8,7 @@ single or ensemble, belong to :mod:`headstart.runs`, whose names are re-exported
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from ._validation import check_tta_average, check_tta_mode
 from .backbones import Backbone, create_backbone
 from .cache import FeatureCache
 from .data import BadFile
+from .engines import openvino_available
 from .ensemble import align_classes, average_probabilities
 from .errors import RunError, UsageError
 from .features import FeatureResult, View, extract_views
@@ -63,7 +65,20 @@ def load_run_backbone(run: Run, weights: str | None, cache: FeatureCache) -> Bac
             f"run '{run.path}' was trained on '{spec['name']}' weights with digest {spec['weights_digest'][:12]}, "
             f"but the weights found now have digest {bb.weights_digest[:12]}; pass the original file with --weights"
         )
+    bb.engine = _run_engine(run)
     return bb
+
+
+def _run_engine(run: Run) -> str:
+    """The engine a run's features were computed with (``torch`` for runs older than engines), so they are
+    scored alike; PyTorch, with a note, where that engine is not installed."""
+    engine = run.info.get("preprocessing", {}).get("engine", "torch")
+    if engine == "openvino" and not openvino_available():
+        print(f"note: run '{run.path}' was trained with the OpenVINO engine, which is not installed here; "
+              "scoring with PyTorch (features agree within cosine 0.999; pip install openvino to match exactly)",
+              file=sys.stderr)
+        return "torch"
+    return engine
 
 
 def view_probabilities(head: Any, backbone: Backbone, paths: Sequence[Path], views: Sequence[View],

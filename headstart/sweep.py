@@ -310,6 +310,7 @@ def sweep(
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = True,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """Cross-validate head settings x feature sources x augmented-view counts x backbones; save the best run.
 
@@ -323,6 +324,7 @@ def sweep(
         grid: :class:`~headstart.selection.Grid` options that narrow the head settings, e.g. ``{"C": [0.1, 1]}``.
         cv: folds (default 5; fewer when the smallest class is smaller).
         seed: seed of the folds, the augmented views and the heads.
+        engine: what runs the backbones' forward (``auto``, ``torch``, ``openvino``; :mod:`headstart.engines`).
 
     Returns:
         What ``sweep.json`` holds: ``settings``, ``leaderboard`` (rows best first, each naming backbone
@@ -336,7 +338,7 @@ def sweep(
     """
     start = time.perf_counter()
     out = Path(out)
-    common = {"precision": precision, "batch_size": batch_size, "num_workers": num_workers}
+    common = {"precision": precision, "batch_size": batch_size, "num_workers": num_workers, "engine": engine}
     ctx = _context(backbone, aug_views, augment, aug_params, grid, cv, seed, weights, common, progress)
     _check_out(out)
     loaded = load_images(data, val_split=0, seed=seed)

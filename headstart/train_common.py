@@ -107,12 +107,14 @@ def report_bad_files(progress: bool, bad_files: list[BadFile]) -> list[dict[str,
 
 
 def run_info(config: TrainConfig, data: TrainData, bb: Backbone, metrics: dict[str, Any], n_bad: int, *,
-             backbone: dict[str, Any], precision: str, pipeline: Any | None, **sections: Any) -> dict[str, Any]:
+             backbone: dict[str, Any], precision: str, engine: str, pipeline: Any | None,
+             **sections: Any) -> dict[str, Any]:
     """The ``run.json`` of a single run (less its format number): classes, backbone, preprocessing, data.
 
     Args:
         backbone: the ``backbone`` entry (name, weights and their digest, freeze ...).
         precision: the resolved arithmetic of the backbone, part of the preprocessing signature.
+        engine: what ran the backbone's forward (``torch`` or ``openvino``); predictions use the same.
         pipeline: the augmentation pipeline, or None.
         sections: more entries, e.g. ``head`` or ``finetune``.
     """
@@ -122,7 +124,7 @@ def run_info(config: TrainConfig, data: TrainData, bb: Backbone, metrics: dict[s
         "headstart_version": __version__,
         "class_names": list(data.train.class_names),
         "backbone": backbone,
-        "preprocessing": preprocessing_signature(bb.data_config, precision),
+        "preprocessing": {**preprocessing_signature(bb.data_config, precision), "engine": engine},
         "data_config": bb.data_config,
         "config": asdict(config),
         "augmentation": augmentation,

@@ -65,7 +65,8 @@ def train_finetuned(config: TrainConfig, data: TrainData, bb: Backbone, cache: F
                 "frozen_stages": plan_names[:n_frozen]}
     bad_files = data.loaded.bad_files + result.bad_files
     info = run_info(config, data, bb, metrics, len(bad_files), backbone=backbone,
-                    precision=_resolve_precision(config.precision), pipeline=pipeline, finetune=asdict(ft_cfg))
+                    precision=_resolve_precision(config.precision), engine=tuned.engine, pipeline=pipeline,
+                    finetune=asdict(ft_cfg))
     bad = report_bad_files(progress, bad_files)
     state = {k: v.detach().cpu().contiguous() for k, v in tuned.model.state_dict().items()}
     path = write_run(out, info, head, metrics, bad, extra={
@@ -100,6 +101,7 @@ def _tuned_model(result: FinetuneResult, bb: Backbone, data: TrainData,
         scale_head(head, auto["temperature"])
     tuned = Backbone(bb.name, model.backbone.eval(), bb.data_config, bb.num_features, "run:backbone.safetensors",
                      state_dict_digest(model.backbone))
+    tuned.engine = "torch"  # a tuned network is scored as it was trained, without a conversion per run
     return tuned, head
 
 

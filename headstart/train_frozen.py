@@ -71,7 +71,8 @@ def train_frozen(config: TrainConfig, data: TrainData, bb: Backbone, cache: Feat
                  "setting": selection.best.name if selection else f"{config.head or 'linear'} (fixed)",
                  "candidate": asdict(selection.best) if selection else None,
                  "feature_source": selection.best.source if selection else "pooled"}
-    info = run_info(config, data, bb, metrics, len(bad), precision=result.precision, pipeline=pipeline,
+    info = run_info(config, data, bb, metrics, len(bad), precision=result.precision, engine=result.engine,
+                    pipeline=pipeline,
                     backbone={"name": bb.name, "weights": config.weights, "weights_source": bb.weights_source,
                               "weights_digest": bb.weights_digest, "num_features": bb.num_features,
                               "freeze": "all"},

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._constants import SELECT_MODES
+from ._constants import ENGINES, SELECT_MODES
 from ._validation import (
     check_batch_size,
+    check_choice,
     check_head_type,
     check_num_workers,
     check_positive_int,
@@ -51,6 +52,7 @@ class TrainConfig:
     cv: int | None = None  # folds: of the selection (None = 5), or with select none a CV report (None = off)
     seed: int = 0  # seed of the split, the folds and the head
     precision: str = "auto"  # backbone arithmetic: auto, fp32, bf16, fp16
+    engine: str = "auto"  # what runs the frozen backbone's forward: auto, torch, openvino (headstart.engines)
     batch_size: int = 32  # images per backbone forward
     num_workers: int | None = None  # decoding processes; None = one per spare core
     cache_dir: str | None = None  # feature cache; None = $HEADSTART_CACHE_DIR or the user cache
@@ -114,6 +116,7 @@ def _train_single(config: TrainConfig, data: Any, out: Path, progress: bool) -> 
             train_set = train_set.subset(bootstrap_indices(train_set.labels, config.bootstrap))
         sets = TrainData(data, loaded, train_set, val_set, val_from)
         bb = create_backbone(config.backbone, config.weights, memo=cache)
+        bb.engine = config.engine
         log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
                       f"input {bb.data_config['input_size'][1]}px")
         freeze, config, auto = _choose_freeze(config, bb, sets, cache, out, progress)
@@ -179,6 +182,7 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
     _check_input_options(config)
     _check_freeze_options(config)
     check_positive_int(config.ensemble, "ensemble (members per backbone)")
+    check_choice(config.engine, ENGINES, "engine")
     check_seed(config.seed)
     if config.select == "none" and config.cv and ("," in config.backbone or config.ensemble > 1):
         raise UsageError("--cv reports one model's cross-validated accuracy; drop it for ensembles "

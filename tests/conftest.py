@@ -21,6 +21,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _torch_engine():
+    """``auto`` means the PyTorch engine, whose forwards the tests count and whose numbers they compare
+    (tests/test_engines.py runs OpenVINO on purpose); session-wide, so module fixtures see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEADSTART_ENGINE", "torch")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's real cache from tests."""

@@ -218,10 +218,11 @@ def test_missing_shard_is_recomputed(tree, backbone, cache):
 def test_feature_is_filed_under_the_bytes_really_decoded(tmp_path, backbone, cache, monkeypatch):
     image = make_image(tmp_path / "a.png", (5, 100, 5))
     real_key = cache.image_keys([image])[0][0]
+    real = cache.image_keys
     monkeypatch.setattr(cache, "image_keys", lambda paths: (["stale-hash"], {}))  # file changed after hashing
     result = _extract(backbone, [image], cache)
     assert result.ok[0]
-    monkeypatch.undo()
+    monkeypatch.setattr(cache, "image_keys", real)
     probe = _extract(backbone, [image], cache)
     assert probe.n_computed == 0 and np.array_equal(probe.features, result.features)
     # filed under the real content, not under the stale hash
@@ -251,3 +252,59 @@ def test_bad_batch_size_is_a_usage_error(tree, backbone, cache):
         _extract(backbone, _paths(tree), cache, batch_size=0)
     with pytest.raises(UsageError, match="num_workers"):
         _extract(backbone, _paths(tree), cache, num_workers=-1)
+
+
+# ------------------------------------------------------------------------------------------- large photos
+
+
+def large_jpeg(path, size=(2000, 1500), seed=0):
+    """A smooth photo-like JPEG, large enough to be decoded at 1/2 scale for a 224 px model."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).resize(size, Image.BICUBIC).save(
+        path, "JPEG", quality=90)
+    return path
+
+
+def _cosine(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_large_jpeg_features_match_a_full_decode_under_their_own_key(tmp_path, backbone, cache):
+    from headstart.preprocess import resize_size
+
+    paths = [large_jpeg(tmp_path / "big.jpg"), make_image(tmp_path / "small.png", (90, 20, 20))]
+    sizes = []
+
+    def recording(data, path, min_size=None):
+        sizes.append(min_size)
+        return decode_bytes(data, path, min_size)
+
+    drafted = extract_views(backbone, paths, [clean_view(backbone.data_config)], cache=cache, num_workers=0,
+                            progress=False, decoder=Decoder(decode=recording))
+    full = extract_views(backbone, paths, [clean_view(backbone.data_config, draft=False)], cache=cache,
+                         num_workers=0, progress=False)
+    assert sizes == [resize_size(backbone.data_config)] * 2
+    assert drafted.model_key != full.model_key and full.n_computed == 2  # nothing reused across the two
+    assert _cosine(drafted.features[0, 0], full.features[0, 0]) >= 0.99
+    assert not np.array_equal(drafted.features[0], full.features[0])
+    np.testing.assert_array_equal(drafted.features[1], full.features[1])  # a small image: the same pixels
+    plain = _extract(backbone, paths, cache)  # extract_features is the drafted clean view
+    assert plain.n_computed == 0 and plain.model_key == drafted.model_key
+
+
+def test_a_view_sees_the_same_pixels_whatever_views_come_with_it(tmp_path, backbone, cache):
+    from headstart.features import augmented_views
+    from headstart.transforms import build_pipeline
+
+    paths = [large_jpeg(tmp_path / "big.jpg", seed=1)]
+    clean = clean_view(backbone.data_config)
+    augmented = augmented_views(build_pipeline("light", size=224), backbone.data_config, 1)
+    assert augmented[0].min_size is None  # random crops depend on the image size: every pixel
+    both = extract_views(backbone, paths, [clean, *augmented], cache=cache, num_workers=0, progress=False)
+    with FeatureCache(tmp_path / "c2") as other:
+        alone = extract_views(backbone, paths, [clean], cache=other, num_workers=0, progress=False)
+        aug_alone = extract_views(backbone, paths, augmented, cache=other, num_workers=0, progress=False)
+    np.testing.assert_array_equal(both.features[:, 0], alone.features[:, 0])
+    np.testing.assert_array_equal(both.features[:, 1], aug_alone.features[:, 0])

@@ -109,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(backbone=args.backbone, weights=args.weights, select=args.select, head=args.head,
                          head_params=_head_params(args), grid=parse_grid(args),
                          val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
+                         engine=args.engine,
                          batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
                          augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param),
                          freeze=args.freeze, budget=args.budget, resume=args.resume, ensemble=args.ensemble,
@@ -231,7 +232,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     result = extract(args.data, backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
                      precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-                     progress=not args.quiet)
+                     progress=not args.quiet, engine=args.engine)
     if args.json:
         _print_json(result)
     else:
@@ -331,7 +332,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     views = _split_list(args.aug_views, "--aug-views", int)
     result = sweep(args.data, args.out, backbone=args.backbone, aug_views=views, augment=args.augment,
                    aug_params=parse_aug_params(args.aug_param), grid=parse_grid(args), cv=args.cv, seed=args.seed,
-                   weights=args.weights, cache_dir=args.cache_dir, precision=args.precision,
+                   weights=args.weights, cache_dir=args.cache_dir, precision=args.precision, engine=args.engine,
                    batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     if args.json:
         _print_json(result)

@@ -23,6 +23,7 @@ from .._constants import (
     DEFAULT_MLP_WIDTHS,
     DEFAULT_SWEEP_AUGMENT,
     DEFAULT_WEIGHTS,
+    ENGINES,
     HEAD_TYPES,
     MLP_MIN_IMAGES,
     OPTIMIZERS,
@@ -33,6 +34,8 @@ from .._constants import (
 )
 from . import commands
 
+ENGINE_HELP = ("what runs the backbone's forward: auto = OpenVINO on CPUs where installed (2-10x PyTorch), "
+               "else PyTorch (default; $HEADSTART_ENGINE overrides auto)")
 WEIGHTS_HELP = ("'default' (packaged offline weights, else timm download), 'random', "
                 "or a .safetensors/.pth file (default: %(default)s)")
 
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and head (default: 0)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     p.add_argument("--ensemble", type=int, default=1,
                    help="members per backbone, each on its own bootstrap sample (default 1); with "
                         "--backbone A,B,C one member (or --ensemble M) per backbone; all stored as one run")
@@ -195,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-compute and cache backbone features only (the API's headstart.extract)")
     p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_common(p)
     p.set_defaults(func=commands.cmd_features)
@@ -264,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, augmented views and heads (default: 0)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     p.add_argument("--top", type=int, default=20, help="leaderboard rows to print (default: 20; all are saved)")
     p.add_argument("--json", action="store_true", help="print the sweep (leaderboard included) as JSON on stdout")
     _add_common(p, backbone=False)
