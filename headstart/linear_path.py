@@ -140,9 +140,8 @@ def _fold_designs(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.nda
             rows, out = (rows - mean) / scale, (out - mean) / scale
         centre = rows.mean(0)
         rows, out = rows - centre, out - centre
-        _, s, vt = np.linalg.svd(rows, full_matrices=False)
-        axes = vt[s > s[0] * 1e-10].T
-        train_rows.append(rows @ axes)
+        axes, projected = _row_span(rows)
+        train_rows.append(projected)
         held.append(out @ axes)
         weights.append(_row_weights(np.repeat(y[tr], n_views), k, class_weight))
     m = max(len(r) for r in train_rows)
@@ -159,6 +158,20 @@ def _fold_designs(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.nda
     return FoldDesigns(design, onehot, sw, [np.pad(h, ((0, 0), (0, r - h.shape[1]))) for h in held],
                        np.einsum("fm,fmr->fr", sw, design.astype(np.float64) ** 2),
                        np.asarray([len(tr) for tr, _ in folds], dtype=np.float64))
+
+
+def _row_span(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal axes ``(d, r)`` of the rows' span and the rows in them ``(m, r)``, for m << d.
+
+    From the eigenvectors of the small Gram matrix ``rows @ rows.T`` (m x m) rather than an SVD of the
+    wide rows: the same span at a fraction of the cost. Directions whose variance is below 1e-12 of
+    the largest carry no signal a head could use and are dropped.
+    """
+    eigval, u = np.linalg.eigh(rows @ rows.T)
+    keep = eigval > eigval.max() * 1e-12
+    s = np.sqrt(eigval[keep])
+    axes = (rows.T @ u[:, keep]) / s
+    return axes, u[:, keep] * s
 
 
 def _shared_rows(feats: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
