@@ -34,7 +34,7 @@ from .._constants import (
 )
 from . import commands
 
-ENGINE_HELP = ("what runs the backbone's forward: auto = OpenVINO on CPUs where installed (2-10x PyTorch), "
+ENGINE_HELP = ("what runs the backbone's forward: auto = OpenVINO on CPUs where installed (1.6-2x PyTorch), "
                "else PyTorch (default; $HEADSTART_ENGINE overrides auto)")
 WEIGHTS_HELP = ("'default' (packaged offline weights, else timm download), 'random', "
                 "or a .safetensors/.pth file (default: %(default)s)")
