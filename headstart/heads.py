@@ -16,12 +16,9 @@ Heads save as safetensors (tensors) + JSON (settings): no pickle anywhere.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ from torch import nn
 
 from ._constants import DEFAULT_MLP_HIDDEN, HEAD_TYPES  # noqa: F401  (HEAD_TYPES: also importable from here)
 from ._io import atomic_write_bytes
+from ._optim import optim_without_dynamo
 from ._validation import check_head_type, check_positive_int
 from .errors import NotFittedError, RunError, UsageError
 
@@ -78,25 +76,6 @@ def class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.
             raise UsageError(f"class_weight names unknown classes {sorted(map(str, unknown))}")
         return np.asarray([float(class_weight.get(c.item() if hasattr(c, "item") else c, 1.0)) for c in classes])
     raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
-
-
-@contextlib.contextmanager
-def _optim_without_dynamo() -> Iterator[None]:
-    """``torch.optim`` without importing ``torch._dynamo`` (2-3 s, most of a warm ``headstart train``).
-
-    ``torch._disable_dynamo`` wraps ``Optimizer.add_param_group``, ``zero_grad`` and ``state_dict`` and imports
-    ``torch._dynamo`` on their first call only to keep them out of compiled graphs; while it is not imported
-    nothing is compiled, so the wrapper may call the plain method, found in its ``__dynamo_disable`` cache."""
-    names = () if "torch._dynamo" in sys.modules else ("add_param_group", "zero_grad", "state_dict")
-    plain = [getattr(getattr(torch.optim.Optimizer, n, None), "__wrapped__", None) for n in names]
-    plain = [fn for fn in plain if fn is not None and getattr(fn, "__dynamo_disable", None) is None]
-    for fn in plain:
-        setattr(fn, "__dynamo_disable", fn)
-    try:
-        yield
-    finally:
-        for fn in (fn for fn in plain if getattr(fn, "__dynamo_disable", None) is fn):
-            delattr(fn, "__dynamo_disable")
 
 
 def _check_class_weight(class_weight: Any) -> None:
@@ -261,8 +240,10 @@ class LinearHead(_Head):
 
     def __init__(self, weight_decay: float | None = None, class_weight: Any = None, standardize: bool = False,
                  max_iter: int = 300) -> None:
-        self.weight_decay, self.class_weight, self.standardize, self.max_iter = (weight_decay, class_weight,
-                                                                                standardize, max_iter)
+        self.weight_decay = weight_decay
+        self.class_weight = class_weight
+        self.standardize = standardize
+        self.max_iter = max_iter
 
     def _build(self, n_features: int, n_classes: int) -> nn.Module:
         return nn.Sequential(_Standardize(n_features), nn.Linear(n_features, n_classes))
@@ -278,7 +259,8 @@ class LinearHead(_Head):
         with torch.no_grad():
             head.module_[1].weight.copy_(layer.weight)
             head.module_[1].bias.copy_(layer.bias)
-        head.classes_, head.n_features_in_ = np.asarray(classes), layer.in_features
+        head.classes_ = np.asarray(classes)
+        head.n_features_in_ = layer.in_features
         return head
 
     def validate_params(self) -> None:
@@ -326,7 +308,7 @@ class LinearHead(_Head):
             loss.backward()
             return loss
 
-        with _optim_without_dynamo():
+        with optim_without_dynamo():
             optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=self.max_iter, history_size=20,
                                           line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
             optimizer.step(closure)
@@ -363,8 +345,14 @@ class MLPHead(_Head):
     def __init__(self, hidden: int = DEFAULT_MLP_HIDDEN, dropout: float = 0.3, weight_decay: float = 1e-2,
                  lr: float = 1e-3, epochs: int | None = None, batch_size: int = 64, class_weight: Any = None,
                  seed: int = 0) -> None:
-        self.hidden, self.dropout, self.weight_decay, self.lr = hidden, dropout, weight_decay, lr
-        self.epochs, self.batch_size, self.class_weight, self.seed = epochs, batch_size, class_weight, seed
+        self.hidden = hidden
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.class_weight = class_weight
+        self.seed = seed
 
     def _build(self, n_features: int, n_classes: int) -> nn.Module:
         return nn.Sequential(_Standardize(n_features), nn.Linear(n_features, self.hidden), nn.GELU(),
@@ -401,7 +389,8 @@ class MLPHead(_Head):
             torch.manual_seed(self.seed)
             module = self._build(X.shape[2], k)
         module[0] = self._standardizer(X.reshape(-1, X.shape[2]))
-        xt, yt = _tensor(X), torch.from_numpy(target)
+        xt = _tensor(X)
+        yt = torch.from_numpy(target)
         cw = torch.from_numpy(class_weights(target, k, self.class_weight, self.classes_)).float()
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = math.ceil(n / self.batch_size)
@@ -446,5 +435,6 @@ def load_head(path: str | os.PathLike[str]) -> LinearHead | MLPHead:
     module = head._build(int(meta["n_features_in"]), len(classes))
     module.load_state_dict(load_file(str(path)), strict=True)
     head.module_ = module.eval()
-    head.classes_, head.n_features_in_ = classes, int(meta["n_features_in"])
+    head.classes_ = classes
+    head.n_features_in_ = int(meta["n_features_in"])
     return head
