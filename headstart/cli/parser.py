@@ -55,6 +55,13 @@ def _add_common(p: argparse.ArgumentParser, *, backbone: bool = True) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr")
 
 
+def _add_arithmetic(p: argparse.ArgumentParser) -> None:
+    """How the backbone computes: ``--precision`` and ``--engine`` (train, features, sweep)."""
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
+
+
 def _add_grid(g: Any) -> None:
     """The ``--grid-*`` flags that narrow the head selection (train and sweep)."""
     g.add_argument("--grid-C", default=None, metavar="C1,C2,...",
@@ -122,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of each class held out and scored after training when DATA has no val/ folder; "
                         "never used to select (default: 0 = train on everything)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and head (default: 0)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
-    p.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
+    _add_arithmetic(p)
     p.add_argument("--ensemble", type=int, default=1,
                    help="members per backbone, each on its own bootstrap sample (default 1); with "
                         "--backbone A,B,C one member (or --ensemble M) per backbone; all stored as one run")
@@ -198,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", aliases=["extract"],
                        help="pre-compute and cache backbone features only (the API's headstart.extract)")
     p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
+    _add_arithmetic(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_common(p)
     p.set_defaults(func=commands.cmd_features)
@@ -267,9 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cv", type=int, default=None,
                    help=f"folds (default {DEFAULT_FOLDS}; fewer when a class is smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, augmented views and heads (default: 0)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="backbone arithmetic (default: auto = bf16 on AMX CPUs and GPUs, else fp32)")
-    p.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
+    _add_arithmetic(p)
     p.add_argument("--top", type=int, default=20, help="leaderboard rows to print (default: 20; all are saved)")
     p.add_argument("--json", action="store_true", help="print the sweep (leaderboard included) as JSON on stdout")
     _add_common(p, backbone=False)
