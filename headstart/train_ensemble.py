@@ -91,14 +91,6 @@ def _ensemble_metrics(members: list[Run], held_outs: list[HeldOut | None], progr
         log(progress, f"ensemble validation accuracy {metrics['val']['accuracy']:.4f} "
                       f"(members: {', '.join(f'{a:.4f}' for a in metrics['members'] if a is not None)})")
     return metrics
-    ok = np.logical_and.reduce([h.ok for h in held_outs if h is not None])
-    if ok.any():
-        proba = average_probabilities([h.proba[ok] for h in held_outs if h is not None])
-        labels = next(h.labels for h in held_outs if h is not None)[ok]
-        metrics["val"] = classification_metrics(labels, proba, members[0].class_names)
-        log(progress, f"ensemble validation accuracy {metrics['val']['accuracy']:.4f} "
-                      f"(members: {', '.join(f'{a:.4f}' for a in metrics['members'] if a is not None)})")
-    return metrics
 
 
 def _save_held_out(path: Path, held_out: HeldOut | None) -> None:
