@@ -74,9 +74,9 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     head = None
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        with FeatureCache(Path(tmp) / "warm-up") as scratch:  # the engine's one-off set-up (e.g. OpenVINO's
-            extract_views(backbone, paths[:1], tta_views(backbone.data_config, "none"), cache=scratch,  # conversion)
-                          **common)  # is paid here, not by the first mode's cold row
+        # the engine's one-off set-up (OpenVINO's conversion) is paid here, not by the first mode's cold row
+        with FeatureCache(Path(tmp) / "warm-up") as scratch:
+            extract_views(backbone, paths[:1], tta_views(backbone.data_config, "none"), cache=scratch, **common)
         caches, views, cold = {}, {}, {}
         for mode in modes:  # cold: every mode with its own empty cache
             views[mode] = tta_views(backbone.data_config, mode)
