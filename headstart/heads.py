@@ -35,9 +35,9 @@ from torch import nn
 
 from ._constants import DEFAULT_MLP_HIDDEN, HEAD_TYPES  # noqa: F401  (HEAD_TYPES: also importable from here)
 from ._io import atomic_write_bytes
-from ._optim import optim_without_dynamo
 from ._validation import check_head_type, check_positive_int
 from .errors import NotFittedError, RunError, UsageError
+from .linear_path import class_weights, fit_softmax
 
 
 class _Standardize(nn.Module):
@@ -61,21 +61,6 @@ def _usage_error(exc: ValueError) -> UsageError:
     if "does not accept missing values encoded as NaN" in message:
         message = message.split("\n")[0] + " Remove or repair those rows first: heads do not accept missing values."
     return UsageError(message)
-
-
-def class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.ndarray) -> np.ndarray:
-    """Per-class loss weights for labels ``y`` (indices into ``classes``): ones, ``balanced``, or a dict."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    if class_weight is None:
-        return np.ones(n_classes)
-    if class_weight == "balanced":
-        return len(y) / (n_classes * np.maximum(counts, 1))
-    if isinstance(class_weight, dict):
-        unknown = set(class_weight) - {c.item() if hasattr(c, "item") else c for c in classes}
-        if unknown:
-            raise UsageError(f"class_weight names unknown classes {sorted(map(str, unknown))}")
-        return np.asarray([float(class_weight.get(c.item() if hasattr(c, "item") else c, 1.0)) for c in classes])
-    raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
 
 
 def _check_class_weight(class_weight: Any) -> None:
@@ -292,30 +277,12 @@ class LinearHead(_Head):
         module = self._build(X.shape[1], k)
         if self.standardize:
             module[0] = self._standardizer(X)
-        linear: nn.Linear = module[1]
-        nn.init.zeros_(linear.weight)
-        nn.init.zeros_(linear.bias)
-        xs = module[0](_tensor(X)).double()
-        yt = torch.from_numpy(target)
-        sw = torch.from_numpy(class_weights(target, k, self.class_weight, self.classes_))[yt]
-        weight = torch.zeros(X.shape[1], k, dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            losses = F.cross_entropy(xs @ weight + bias, yt, reduction="none")
-            loss = (losses * sw).sum() / sw.sum() + 0.5 * decay * (weight**2).sum()
-            loss.backward()
-            return loss
-
-        with optim_without_dynamo():
-            optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=self.max_iter, history_size=20,
-                                          line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
-            optimizer.step(closure)
-            self.n_iter_ = int(optimizer.state_dict()["state"][0]["n_iter"])
+            X = ((X - module[0].mean.numpy()) / module[0].scale.numpy()).astype(np.float32)
+        row_weight = class_weights(target, k, self.class_weight, self.classes_)[target]
+        weight, bias, self.n_iter_ = fit_softmax(X, target, row_weight, k, decay, n_images, self.max_iter)
         with torch.no_grad():
-            linear.weight.copy_(weight.T.float())
-            linear.bias.copy_(bias.float())
+            module[1].weight.copy_(torch.from_numpy(weight.T))
+            module[1].bias.copy_(torch.from_numpy(bias))
         self.module_ = module.eval()
         return self
 

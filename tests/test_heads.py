@@ -118,6 +118,27 @@ def test_matches_scikit_learn_logistic_regression():
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
 
 
+@pytest.mark.parametrize("n, d", [(300, 16), (40, 100)])  # more rows than features (principal axes), fewer (row span)
+@pytest.mark.parametrize("standardize", [False, True])
+def test_matches_scikit_learn_on_many_and_few_rows(n, d, standardize):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(n=n, d=d, seed=4)
+    x = np.abs(x) * np.linspace(0.1, 3, d).astype(np.float32)  # columns of unequal scale, like pooled features
+    ref_x = StandardScaler().fit_transform(x) if standardize else x
+    ours = LinearHead(standardize=standardize, weight_decay=0.1 / n).fit(x, y).predict_proba(x)
+    theirs = LogisticRegression(C=10.0, max_iter=10000, tol=1e-10).fit(ref_x, y).predict_proba(ref_x)
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)
+
+
+def test_dict_class_weight_counts_rows_like_repeating_them():
+    x, y = blobs(n=90, seed=5)
+    weighted = LinearHead(class_weight={0: 3.0}, weight_decay=1e-2).fit(x, y).predict_proba(x)
+    repeat = np.r_[np.arange(len(y)), np.repeat(np.flatnonzero(y == 0), 2)]
+    repeated = LinearHead(weight_decay=1e-2).fit(x[repeat], y[repeat]).predict_proba(x)
+    np.testing.assert_allclose(weighted, repeated, atol=2e-3)
+
+
 def test_balanced_class_weight_helps_the_rare_class():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (95, 2)), rng.normal(1.5, 1, (5, 2))]).astype(np.float32)

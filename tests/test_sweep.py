@@ -11,6 +11,7 @@ from conftest import ANTS_BEES, make_tree
 
 import headstart
 from headstart.errors import RunError, UsageError
+from headstart.linear_path import HELD_OUT_TOL
 from headstart.sweep import plot_rows, rank_rows
 
 BACKBONES = ("test_efficientnet", "test_resnet")  # tiny timm test models: random weights, milliseconds a forward
@@ -85,7 +86,7 @@ def test_best_run_is_the_best_setting_refitted_on_every_image(swept):
     # the same folds: the refit's cross-validation of the one setting gives the sweep's fold accuracies
     assert run.metrics["cv"]["fold_accuracy"] == best["fold_accuracy"]
     # warm starts differ; each solve stops once the held-out log-loss settles (linear_path.HELD_OUT_TOL)
-    assert run.metrics["cv"]["log_loss"] == pytest.approx(best["cv_log_loss"], rel=1e-4, abs=1e-5)
+    assert run.metrics["cv"]["log_loss"] == pytest.approx(best["cv_log_loss"], rel=1e-4, abs=HELD_OUT_TOL)
     evaluation = headstart.evaluate(out / "best", data, cache_dir=cache, num_workers=0, progress=False)
     assert evaluation["n_images"] == 12 and evaluation["accuracy"] >= 0.9
     predictions = headstart.predict(out / "best", [data / "red"], cache_dir=cache, num_workers=0, progress=False)
