@@ -39,7 +39,7 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     from headstart.heads import LinearHead
-    from headstart.selection import fit_candidate, select_head
+    from headstart.selection import fit_candidate, format_leaderboard, select_head
 
     x_all, y_all = synthetic(args.n + 10_000, k=args.classes, spread=3.0)
     x, y, xv, yv = x_all[:args.n], y_all[:args.n], x_all[args.n:], y_all[args.n:]
@@ -56,9 +56,13 @@ def main() -> None:
     if not args.skip_selection:
         start = time.perf_counter()
         sel = select_head(x, y)
+        selected = time.perf_counter()
         best = fit_candidate(sel.best, x, y, temperature=sel.temperature)
         rows.append((f"selection + refit ({sel.best.name})", time.perf_counter() - start,
                      log_loss(best.predict_proba(xv), yv)))
+        refit = time.perf_counter() - selected
+        print(f"selection {selected - start:.1f} s ({'; '.join(sel.notes)}), refit {refit:.1f} s")
+        print(format_leaderboard(sel.leaderboard, 5))
     print(f"\n  {'row':<48} {'seconds':>8} {'val log-loss':>12}")
     for name, seconds, loss in rows:
         print(f"  {name:<48} {seconds:>8.2f} {loss:>12.4f}")

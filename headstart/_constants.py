@@ -31,6 +31,7 @@ DEFAULT_FOLDS = 5  # folds of the head selection (fewer when a class is smaller)
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # scikit-learn's C: weight decay 1/(C n)
 DEFAULT_MLP_WIDTHS: tuple[int, ...] = (64, 256)  # hidden widths of the selection's MLP candidates ...
 MLP_MIN_IMAGES = 500  # ... tried from this many training images up (unless asked for)
+SELECT_MAX_IMAGES = 3000  # the selection ranks settings on a stratified sample of at most this many images
 DEFAULT_MLP_HIDDEN = 512  # hidden width of a fixed MLP head (--select none)
 DEFAULT_AUG_VIEWS = 8  # augmented views cached per training image when an augmentation preset is set
 DEFAULT_SWEEP_AUGMENT = "standard"  # the sweep's preset when a view count > 0 is asked for without --augment

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._constants import DEFAULT_CS, DEFAULT_FOLDS, DEFAULT_MLP_WIDTHS, HEAD_TYPES, MLP_MIN_IMAGES
+from ._constants import DEFAULT_CS, DEFAULT_FOLDS, DEFAULT_MLP_WIDTHS, HEAD_TYPES, MLP_MIN_IMAGES, SELECT_MAX_IMAGES
 from ._validation import check_folds
 from .calibration import apply_temperature, cross_fitted_losses, fit_temperature, scale_head
 from .errors import UsageError
@@ -98,6 +98,7 @@ class Grid:
     mlp_min_images: int = MLP_MIN_IMAGES  # fewer training images: no MLP candidates (noted)
     mlp_epochs: int | None = None  # None: MLPHead's default (about 600 optimiser steps)
     class_weight: tuple[str | None, ...] | None = None  # None: add "balanced" when classes are imbalanced
+    max_images: int | None = SELECT_MAX_IMAGES  # rank on a stratified sample of at most this many (None: all)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> Grid:
@@ -122,6 +123,8 @@ class Grid:
             raise UsageError(f"grid C must list numbers > 0 (scikit-learn's C); got {list(self.C)}")
         if "mlp" in self.head and not all(isinstance(h, int) and h > 0 for h in self.mlp):
             raise UsageError(f"grid mlp must list hidden widths (positive integers); got {list(self.mlp)}")
+        if self.max_images is not None and not (isinstance(self.max_images, int) and self.max_images >= 100):
+            raise UsageError(f"grid max_images must be a whole number >= 100 or None (all); got {self.max_images!r}")
         if self.mlp_epochs is not None and not (isinstance(self.mlp_epochs, int) and self.mlp_epochs > 0):
             raise UsageError(f"grid mlp_epochs must be a positive integer or None; got {self.mlp_epochs!r}")
         if not self.standardize or not all(isinstance(s, bool) for s in self.standardize):
@@ -169,13 +172,15 @@ class Selection:
     seconds: float
     notes: list[str] = field(default_factory=list)
     temperature: float = 1.0  # the winner's logits are divided by it (fit_candidate folds it into the head)
+    sample: np.ndarray | None = None  # the images ranked on (indices into x; oof_proba's rows), None: every image
 
     def summary(self, top: int | None = None) -> dict[str, Any]:
         best = self.leaderboard[0]
         return {"folds": self.folds, "chosen": self.best.name, "candidate": asdict(self.best),
                 "cv_accuracy": best["cv_accuracy"], "cv_std": best["cv_std"], "cv_log_loss": best["cv_log_loss"],
                 "temperature": round(self.temperature, 4),
-                "n_candidates": len(self.leaderboard), "seconds": round(self.seconds, 3), "notes": self.notes,
+                "n_candidates": len(self.leaderboard), "images_ranked_on": len(self.oof_proba),
+                "seconds": round(self.seconds, 3), "notes": self.notes,
                 "leaderboard": self.leaderboard[:top] if top else self.leaderboard}
 
 
@@ -210,6 +215,34 @@ def make_folds(y: np.ndarray, groups: Sequence[Any] | None, folds: int, seed: in
     groups = np.arange(len(y)) if groups is None else np.asarray([str(g) for g in groups])
     splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
     return [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+def selection_sample(y: np.ndarray, groups: Sequence[Any] | None, max_images: int | None, folds: int,
+                     seed: int) -> np.ndarray | None:
+    """Indices of a stratified sample of at most about ``max_images`` images to rank the settings on, or None (all).
+
+    Ranking settings needs far fewer images than fitting the winner, while every candidate's cost grows
+    with the images (see ``benchmarks/head.py``). The sample is one part of a stratified group split
+    (copies of a file stay together), plus every image of a class too small to leave ``folds`` distinct
+    images in it.
+    """
+    if max_images is None or len(y) <= max_images:
+        return None
+    from sklearn.model_selection import train_test_split
+
+    keys = np.arange(len(y)) if groups is None else np.asarray([str(g) for g in groups])
+    _, first, group_of = np.unique(keys, return_index=True, return_inverse=True)
+    # stratified over groups, each labelled by its first image: scikit-learn's StratifiedGroupKFold is
+    # quadratic in the groups (59 s for 50,000 distinct images) where this takes milliseconds
+    share = max_images / len(y)
+    counts = np.bincount(y[first])
+    rare = np.flatnonzero((counts > 0) & (counts * share < folds))  # too few for the folds: taken whole
+    common = np.flatnonzero(~np.isin(y[first], rare))
+    if len(common) == 0:  # every class too small to sample
+        return None
+    _, part = train_test_split(common, test_size=max(1, round(share * len(first)) - int(counts[rare].sum())),
+                               stratify=y[first][common], random_state=seed)
+    return np.flatnonzero(np.isin(group_of, part) | np.isin(y, rare))
 
 
 def fold_count(y: np.ndarray, folds: int, groups: Sequence[Any] | None = None) -> tuple[int, str | None]:
@@ -311,8 +344,15 @@ def _select(x: np.ndarray, y: np.ndarray, grid: Grid, folds: int, groups: Sequen
     k = int(y.max()) + 1
     if y.ndim != 1 or len(y) != len(x) or (len(y) and (y.min() < 0)):
         raise UsageError(f"y must hold one integer label 0..k-1 per row of x; got shape {y.shape} for {len(x)} rows")
+    sample = selection_sample(y, groups, grid.max_images, folds, seed)
+    notes = []
+    if sample is not None:
+        notes.append(f"settings ranked on a stratified sample of {len(sample)} of {len(y)} images (the winner is "
+                     "refitted on all; grid max_images=None, CLI --grid-max-images all, ranks on every image)")
+        x, y = x[sample], y[sample]
+        groups = None if groups is None else [groups[i] for i in sample]
     n_folds, note = fold_count(y, folds, groups)
-    notes = [note] if note else []
+    notes += [note] if note else []
     if grid.needs_classifier() and classifier is None:
         if grid.source != SOURCES or grid.mlp_source != ("pooled",):
             raise UsageError("the grid asks for a 'logits' feature source but no classifier was given (pass "
@@ -347,7 +387,7 @@ def _select(x: np.ndarray, y: np.ndarray, grid: Grid, folds: int, groups: Sequen
     for r in leaderboard:
         r["seconds"] = round(r["seconds"], 4)
     return Selection(leaderboard, best["candidate"], len(fold_list), best["oof"], best["fold_accuracy"],
-                     time.perf_counter() - start, notes, best["temperature"])
+                     time.perf_counter() - start, notes, best["temperature"], sample)
 
 
 def _linear_rows(linear: list[Candidate], feats_of: dict[str, np.ndarray], y: np.ndarray,

@@ -128,6 +128,8 @@ def test_backbones_command(cli):
     (["train", "{tree}", "--out", "{tmp}/r", "--weight-decay", "0.1"], 2, "--select none"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-C", "0,1"], 2, "C must list numbers > 0"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-mlp", "x"], 2, "--grid-mlp"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--grid-max-images", "many"], 2, "--grid-max-images must be"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--grid-max-images", "10"], 2, "max_images must be a whole number >= 100"),
     (["train", "{tree}", "--out", "{tmp}/r", "--select", "none", "--grid-C", "1"], 2, "need --select cv"),
     (["train", "{tree}", "--out", "{tmp}/r", "--budget", "5"], 2, "--freeze auto"),
     (["train", "{tree}", "--out", "{tmp}/r", "--freeze", "auto", "--budget", "-1"], 2, "budget"),

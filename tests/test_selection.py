@@ -18,6 +18,7 @@ from headstart.selection import (
     format_leaderboard,
     make_folds,
     select_head,
+    selection_sample,
 )
 from headstart.sources import Classifier, fold_into_pooled, source_features
 
@@ -121,6 +122,32 @@ def test_identical_files_share_a_fold():
         held = {groups[i] for i in te}
         for i in set(range(40)) - set(te):
             assert groups[i] not in held
+
+
+def test_selection_sample_is_stratified_keeps_copies_together_and_small_classes_whole():
+    y = np.r_[np.zeros(3000, int), np.ones(1000, int), np.full(12, 2)]
+    groups = [f"g{i // 2}" for i in range(len(y))]  # every file twice
+    sample = selection_sample(y, groups, 1000, folds=5, seed=0)
+    assert 900 <= len(sample) <= 1100
+    counts = np.bincount(y[sample], minlength=3)
+    assert abs(counts[0] / counts[1] - 3) < 0.2  # the classes' proportions
+    assert counts[2] == 12  # too few for 5 folds in a quarter: kept whole
+    picked = {groups[i] for i in sample}
+    assert all(groups[i] not in picked for i in set(range(len(y))) - set(sample))  # copies on one side
+    assert selection_sample(y, groups, None, folds=5, seed=0) is None
+    assert selection_sample(y, groups, len(y), folds=5, seed=0) is None
+
+
+def test_selection_ranks_on_a_sample_of_many_images_and_says_so():
+    x, y = blobs(n=600)
+    sel = select_head(x, y, grid=Grid(head=("linear",), C=(0.1, 1.0), standardize=(False,), max_images=200))
+    assert sel.sample is not None and len(sel.sample) == len(sel.oof_proba) == 200
+    assert any("sample of 200 of 600 images" in note for note in sel.notes)
+    assert sel.summary()["images_ranked_on"] == 200
+    full = select_head(x, y, grid=Grid(head=("linear",), C=(0.1, 1.0), standardize=(False,), max_images=None))
+    assert full.sample is None and len(full.oof_proba) == 600
+    with pytest.raises(UsageError, match="max_images"):
+        Grid.from_options({"max_images": 5})
 
 
 def test_fold_count_adapts_to_the_smallest_class():

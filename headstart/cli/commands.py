@@ -70,9 +70,9 @@ def _split_list(value: str, flag: str, convert: Any, allowed: Sequence[str] | No
     return out
 
 
-def parse_grid(args: argparse.Namespace) -> dict[str, list[Any]]:
+def parse_grid(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--grid-*`` flags as :class:`~headstart.selection.Grid` options."""
-    grid: dict[str, list[Any]] = {}
+    grid: dict[str, Any] = {}
     if args.grid_C is not None:
         grid["C"] = _split_list(args.grid_C, "--grid-C", float)
     if args.grid_source is not None:
@@ -84,6 +84,13 @@ def parse_grid(args: argparse.Namespace) -> dict[str, list[Any]]:
     if args.grid_standardize is not None:
         grid["standardize"] = _split_list(args.grid_standardize, "--grid-standardize", {"off": False, "on": True}.get,
                                           ["off", "on"])
+    if args.grid_max_images is not None:
+        from ..errors import UsageError
+
+        value = args.grid_max_images.strip()
+        if value != "all" and not value.isdigit():
+            raise UsageError(f"--grid-max-images must be a whole number of images or 'all'; got '{value}'")
+        grid["max_images"] = None if value == "all" else int(value)
     return grid
 
 

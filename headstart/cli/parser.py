@@ -28,6 +28,7 @@ from .._constants import (
     MLP_MIN_IMAGES,
     OPTIMIZERS,
     PRECISIONS,
+    SELECT_MAX_IMAGES,
     SELECT_MODES,
     TTA_AVERAGES,
     TTA_MODES,
@@ -76,6 +77,9 @@ def _add_grid(g: Any) -> None:
                         "widths are always tried)")
     g.add_argument("--grid-standardize", default=None, metavar="off,on",
                    help="linear candidates with raw and/or standardised features (default: off,on)")
+    g.add_argument("--grid-max-images", default=None, metavar="N|all",
+                   help="rank the settings on a stratified sample of at most N images, then refit the winner on "
+                        f"all (default: {SELECT_MAX_IMAGES}; all: cross-validate on every image)")
 
 
 def _add_tta(p: argparse.ArgumentParser) -> None:
