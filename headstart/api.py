@@ -51,7 +51,7 @@ def extract(
     with FeatureCache(cache_dir) as cache:
         bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights, memo=cache)
         result = extract_features(bb, paths, cache=cache, precision=precision, batch_size=batch_size,
-                                  num_workers=num_workers, progress=progress, engine=engine)
+                                  num_workers=num_workers, progress=progress, engine=engine, load=False)
         root = str(cache.root)
     bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
     return {"n_images": len(paths), "n_computed": result.n_computed, "n_cached": result.n_cached,

@@ -154,6 +154,7 @@ def extract_features(
     progress: bool = True,
     desc: str = "features",
     engine: str | None = None,
+    load: bool = True,
 ) -> FeatureResult:
     """Pooled backbone features of every image, computing only what the cache lacks.
 
@@ -169,13 +170,15 @@ def extract_features(
             interruption).
         progress: show a progress bar on stderr.
         engine: ``auto``, ``torch`` or ``openvino`` (:mod:`headstart.engines`); default the backbone's own.
+        load: read the features back; ``False`` only fills the cache (``features`` is then ``(n, 0)``),
+            so memory stays flat however many images there are.
 
     Returns:
         FeatureResult with ``features`` of shape ``(n, dim)``; ``n_computed == 0`` on a warm cache.
     """
     result = extract_views(backbone, paths, [clean_view(backbone.data_config)], cache=cache,
                            batch_size=batch_size, num_workers=num_workers, precision=precision, device=device,
-                           flush_every=flush_every, progress=progress, desc=desc, engine=engine)
+                           flush_every=flush_every, progress=progress, desc=desc, engine=engine, load=load)
     result.features = result.features[:, 0]
     return result
 
