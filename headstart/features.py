@@ -31,6 +31,7 @@ from .cache import FeatureCache, Locations, model_key
 from .data import BadFile, decode_bytes, draft_description
 from .engines import engine_signature, openvino_forward, resolve_engine
 from .errors import UsageError
+from .gpu_decode import DEVICE_VIEW, DeviceCleanBatches, device_path_applies
 from .preprocess import autocast, decoder_id, preprocessing_signature, resolve_precision
 from .views import AugmentedTransform, CleanTransform, View, ViewsOfFiles, augmented_views, clean_view, view_seed
 
@@ -228,6 +229,8 @@ def extract_views(
     precision = resolve_precision(precision, device)
     engine = "torch" if cut is not None else resolve_engine(engine or getattr(backbone, "engine", "auto"),
                                                              device, precision)
+    if device_path_applies(device, views, backbone.data_config, decoder is None, cut):
+        views = [View(CleanTransform(backbone.data_config), dict(DEVICE_VIEW))]  # decoded on the GPU: own key
     job = _Job(backbone, [Path(p) for p in paths], views, cache, decoder or Decoder(), device, precision, engine,
                cut, batch_size, num_workers, flush_every, progress, desc)
     image_keys, bad = cache.image_keys(job.paths)
@@ -408,8 +411,11 @@ def _forward_function(job: _Job) -> Callable[[torch.Tensor], np.ndarray]:
     return lambda batch: forward_batch(job.backbone, batch, job.device, job.precision, job.cut)
 
 
-def _loader(job: _Job, order: list[tuple[str, tuple[int, list[int]]]]) -> DataLoader:
+def _loader(job: _Job, order: list[tuple[str, tuple[int, list[int]]]]) -> Any:
     """Batches of decoded items, as many images per batch as keep ``batch_size`` views."""
+    if job.views[0].description == DEVICE_VIEW:  # CUDA: decoded and resized on the device
+        return DeviceCleanBatches([job.paths[i] for _, (i, _) in order], job.backbone.data_config, job.batch_size,
+                                  job.device)
     dataset = ViewsOfFiles([job.paths[i] for _, (i, _) in order], [m for _, (_, m) in order], job.views,
                             job.decoder.decode)
     per_image = max(len(m) for _, (_, m) in order)
