@@ -44,6 +44,7 @@ HELD_OUT_TOL = 3e-4  # a C's solve stops when no fold's held-out log-loss moves 
 CHECK_EVERY = 5  # ... over this many iterations, and at most this share of held-out predictions changes:
 CHANGED_PREDICTIONS = 0.003  # none below 334 held-out images
 FIT_FTOL = 1e-7  # a single fit stops when an iteration improves the objective by less than this (relative)
+ONE_PASS_BLOCK = 1024  # rows per block of a single fit's one-pass objective (50,000 rows: 128 -> 8.0 s, 1024 -> 6.0 s)
 PRECONDITION_ROWS = 20_000  # a single fit estimates its preconditioner on at most about this many rows
 _EPS = 1e-15
 CURVATURE = 0.25
@@ -269,6 +270,35 @@ def _objective(problem: FoldDesigns | SharedRows, decay: np.ndarray, scale: np.n
     return objective
 
 
+def _one_pass_objective(problem: SharedRows, decay: np.ndarray, scale: np.ndarray) -> Any:
+    """:func:`_objective` for one problem on many rows, reading them once per evaluation instead of twice.
+
+    Block by block, the logits, the loss and the gradient's product with the rows are made while the
+    block is still in the CPU's cache: a 50,000 x 1280 fit (71 iterations) took 6.0 s instead of 7.5 s.
+    """
+    rows, axes, onehot, sw = problem.rows, problem.axes, problem.onehot[0], problem.sw[0]
+    r, k = problem.col_sq.shape[1], onehot.shape[1]
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = theta[:r * k].reshape(1, r, k) * scale
+        weights, bias = problem._weights(w), theta[r * k:]
+        value = 0.5 * float((decay * w**2).sum())
+        back, grad_b = np.zeros((rows.shape[1], k)), np.zeros(k)
+        for start in range(0, len(rows), ONE_PASS_BLOCK):
+            block, part = rows[start:start + ONE_PASS_BLOCK], slice(start, start + ONE_PASS_BLOCK)
+            logits = (block @ weights).astype(np.float64) + bias
+            logits -= logits.max(1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            value -= float(((logp * onehot[part]).sum(1) * sw[part]).sum())
+            g = (np.exp(logp) - onehot[part]) * sw[part, None]
+            back += block.T @ g.astype(ROWS_DTYPE)
+            grad_b += g.sum(0)
+        grad_w = ((axes.T @ back.astype(ROWS_DTYPE)).astype(np.float64)[None] + decay * w) * scale
+        return value, np.concatenate([grad_w.ravel(), grad_b])
+
+    return objective
+
+
 def _minimize(problem: FoldDesigns | SharedRows, decay: np.ndarray, weight: np.ndarray, bias: np.ndarray,
               callback: Any, options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
     """Solve every fold at weight decay ``decay`` ``(F, 1, 1)``, from ``weight``, ``bias``: returns them, iterations.
@@ -281,7 +311,9 @@ def _minimize(problem: FoldDesigns | SharedRows, decay: np.ndarray, weight: np.n
     n_f, r, k = weight.shape
     scale = 1.0 / np.sqrt(CURVATURE * problem.col_sq[:, :, None] + decay + _EPS)  # (F, r, 1)
     theta0 = np.concatenate([(weight / scale).ravel(), bias.ravel()])
-    res = minimize(_objective(problem, decay, scale), theta0, jac=True, method="L-BFGS-B",
+    one_pass = isinstance(problem, SharedRows) and n_f == 1 and problem.inv_scale is None
+    objective = (_one_pass_objective if one_pass else _objective)(problem, decay, scale)
+    res = minimize(objective, theta0, jac=True, method="L-BFGS-B",
                    callback=callback(scale), options=options)
     return res.x[:n_f * r * k].reshape(n_f, r, k) * scale, res.x[n_f * r * k:].reshape(n_f, 1, k), int(res.nit)
 

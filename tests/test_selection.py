@@ -70,6 +70,22 @@ def test_batched_path_matches_one_head_per_fold(candidate, n):
     assert row["cv_accuracy"] == pytest.approx((oof.argmax(1) == y).mean(), abs=1.5 / len(y))
 
 
+def test_a_single_fits_one_pass_objective_equals_the_two_pass_one():
+    from headstart import linear_path
+
+    rng = np.random.default_rng(0)
+    x = rng.random((2500, 40)).astype(np.float32)  # 3 blocks of ONE_PASS_BLOCK rows, the last one short
+    y = rng.integers(0, 3, 2500)
+    problem, _ = linear_path.single_problem(x - x.mean(0), y, rng.random(2500) + 0.5, 3, 2500)
+    decay = np.full((1, 1, 1), 1e-3)
+    scale = 1 / np.sqrt(0.25 * problem.col_sq[:, :, None] + decay)
+    theta = rng.normal(size=40 * 3 + 3)
+    value, grad = linear_path._one_pass_objective(problem, decay, scale)(theta)
+    value2, grad2 = linear_path._objective(problem, decay, scale)(theta)
+    assert value == pytest.approx(value2, rel=1e-6)
+    np.testing.assert_allclose(grad, grad2, atol=1e-5 * np.abs(grad2).max())
+
+
 def test_views_train_on_every_view_and_score_the_clean_one():
     x, y = blobs(60, 20, 2)
     rng = np.random.default_rng(3)
