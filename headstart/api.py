@@ -29,6 +29,8 @@ from .runs import AnyRun, EnsembleRun, combine_runs, load_run, members_of
 from .sweep import sweep  # noqa: F401  (part of this API)
 from .training import TrainConfig, train  # noqa: F401  (part of this API)
 
+EXTRACT_CHUNK = 10_000  # headstart features hashes, looks up and computes this many images at a time
+
 
 def extract(
     data: str | os.PathLike[str],
@@ -48,17 +50,22 @@ def extract(
     """
     loaded = load_images(data, val_split=0, min_classes=1)  # a train/ + val/ tree still yields both parts
     paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
+    bad, computed, cached, seconds = [b.to_dict() for b in loaded.bad_files], 0, 0, 0.0
+    chunks = range(0, max(1, len(paths)), EXTRACT_CHUNK)
     with FeatureCache(cache_dir) as cache:
         bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights, memo=cache)
-        result = extract_features(bb, paths, cache=cache, precision=precision, batch_size=batch_size,
-                                  num_workers=num_workers, progress=progress, engine=engine, load=False)
+        for n, start in enumerate(chunks, 1):  # nothing per image outlives its chunk: memory stays flat
+            result = extract_features(bb, paths[start:start + EXTRACT_CHUNK], cache=cache, precision=precision,
+                                      batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                      engine=engine, load=False,
+                                      desc="features" if len(chunks) == 1 else f"features {n}/{len(chunks)}")
+            bad += [b.to_dict() for b in result.bad_files]
+            computed, cached, seconds = computed + result.n_computed, cached + result.n_cached, seconds + result.seconds
         root = str(cache.root)
-    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
-    return {"n_images": len(paths), "n_computed": result.n_computed, "n_cached": result.n_cached,
-            "n_bad": len(bad), "bad_files": bad, "seconds": round(result.seconds, 3),
-            "images_per_second": round(result.images_per_second, 2), "backbone": bb.name,
-            "weights_digest": bb.weights_digest, "engine": result.engine, "precision": result.precision,
-            "cache_dir": root}
+    return {"n_images": len(paths), "n_computed": computed, "n_cached": cached, "n_bad": len(bad), "bad_files": bad,
+            "seconds": round(seconds, 3), "images_per_second": round(len(paths) / seconds, 2) if seconds else 0.0,
+            "backbone": bb.name, "weights_digest": bb.weights_digest, "engine": result.engine,
+            "precision": result.precision, "cache_dir": root}
 
 
 def _images_for_evaluation(run: AnyRun, data: Any) -> tuple[Any, ImageSet, np.ndarray]:

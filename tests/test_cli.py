@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,18 @@ def test_features_command_and_warm_rerun(tree, tmp_path, cli):
     assert code == 0 and json.loads(out)["n_computed"] == 12
     code, out, _ = cli(*args)
     assert json.loads(out)["n_computed"] == 0 and json.loads(out)["n_cached"] == 12
+
+
+def test_features_command_works_in_chunks_and_reports_every_bad_file(tree, tmp_path, cli, monkeypatch):
+    import headstart.api
+
+    monkeypatch.setattr(headstart.api, "EXTRACT_CHUNK", 5)  # 14 files: chunks of 5, 5 and 4
+    (tree / "red" / "broken.jpg").write_bytes(b"not an image")
+    (tree / "blue" / "empty.png").write_bytes(b"")
+    code, out, _ = cli("features", tree, "--cache-dir", tmp_path / "c", "--workers", "0", "--json", "-q")
+    result = json.loads(out)
+    assert code == 0 and result["n_images"] == 14 and result["n_computed"] == 12 and result["n_bad"] == 2
+    assert sorted(Path(b["path"]).name for b in result["bad_files"]) == ["broken.jpg", "empty.png"]
 
 
 def test_train_with_other_head_settings_reuses_features(tree, tmp_path, cli):
