@@ -1,11 +1,12 @@
-"""L2-penalised softmax regression on every cross-validation fold at once, along a path of ``C``.
+"""L2-penalised softmax regression: every cross-validation fold at once along a path of ``C``, or one fit.
 
 :func:`fold_problem` states the folds' problems for one feature source, standardisation and class
 weighting; :func:`solve_path` solves them for each ``C`` (scikit-learn's inverse L2 strength, weight
 decay ``1/(C n)``), from strong to weak regularisation, each ``C`` warm-started from the last, and
 returns every fold's held-out probabilities. All folds share one SciPy L-BFGS-B run whose objective
 and gradient are written out in numpy: on these problems autograd and torch's Python L-BFGS cost
-20-40x the arithmetic.
+20-40x the arithmetic. :func:`fit_softmax` (``LinearHead``'s fit) is the same machinery on one
+problem: every training row, no held-out rows, stopping when the objective stops improving.
 
 Two exact changes of variables make the problems small and well conditioned; the L2 penalty is
 unchanged by a rotation and the intercept (unpenalised) absorbs any centring:
@@ -31,6 +32,7 @@ the selection reads nothing else.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,7 @@ FIT_FTOL = 1e-7  # a single fit stops when an iteration improves the objective b
 ONE_PASS_BLOCK = 1024  # rows per block of a single fit's one-pass objective (50,000 rows: 128 -> 8.0 s, 1024 -> 6.0 s)
 PRECONDITION_ROWS = 20_000  # a single fit estimates its preconditioner on at most about this many rows
 _EPS = 1e-15
-CURVATURE = 0.25
+CURVATURE = 0.25  # the softmax loss' curvature per logit is at most this: the preconditioner's bound
 
 
 def class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.ndarray) -> np.ndarray:
@@ -63,7 +65,6 @@ def class_weights(y: np.ndarray, n_classes: int, class_weight: Any, classes: np.
             raise UsageError(f"class_weight names unknown classes {sorted(map(str, unknown))}")
         return np.asarray([float(class_weight.get(c.item() if hasattr(c, "item") else c, 1.0)) for c in classes])
     raise UsageError(f"class_weight must be None, 'balanced' or a dict class -> weight; got {class_weight!r}")
-
 
 
 def _row_weights(target: np.ndarray, k: int, class_weight: str | None) -> np.ndarray:
@@ -352,7 +353,8 @@ def single_problem(rows: np.ndarray, target: np.ndarray, row_weight: np.ndarray,
     sample = rows[:: max(1, m // PRECONDITION_ROWS)]
     eigval, eigvec = np.linalg.eigh((sample.T @ sample).astype(np.float64) / len(sample))
     axes = eigvec.astype(ROWS_DTYPE)
-    return SharedRows(rows, axes, None, onehot, sw, [], np.maximum(eigval, 0.0)[None], n), axes
+    curvature = np.maximum(eigval, eigval.max() * 1e-9)  # an axis without variance keeps a bounded scale
+    return SharedRows(rows, axes, None, onehot, sw, [], curvature[None], n), axes
 
 
 def fit_softmax(x: np.ndarray, target: np.ndarray, row_weight: np.ndarray, k: int, decay: float, n_images: int,
@@ -368,7 +370,7 @@ def fit_softmax(x: np.ndarray, target: np.ndarray, row_weight: np.ndarray, k: in
     problem, axes = single_problem(rows, target, row_weight, k, n_images)
     r = problem.col_sq.shape[1]
     options = {"maxiter": max_iter, "gtol": 1e-8, "ftol": FIT_FTOL, "maxcor": 10}
-    with _optimizer_blas_single_thread():
+    with _optimizer_blas_single_thread() if rows.size >= 1_000_000 else nullcontext():  # 4 ms: only for big fits
         w, b, n_iter = _minimize(problem, np.full((1, 1, 1), float(decay)), np.zeros((1, r, k)), np.zeros((1, 1, k)),
                                  lambda scale: None, options)
     weight = axes.astype(np.float64) @ w[0]
@@ -382,7 +384,6 @@ def _optimizer_blas_single_thread() -> Any:
     tiny vector operations wake threads that fight numpy's still-spinning ones: a 50,000-row fit took
     9.1 s; with SciPy's copy on one thread, 5.2 s. Where the two share one BLAS, nothing is limited.
     """
-    from contextlib import nullcontext
     from pathlib import Path
 
     from threadpoolctl import ThreadpoolController

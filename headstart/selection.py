@@ -222,9 +222,8 @@ def selection_sample(y: np.ndarray, groups: Sequence[Any] | None, max_images: in
     """Indices of a stratified sample of at most about ``max_images`` images to rank the settings on, or None (all).
 
     Ranking settings needs far fewer images than fitting the winner, while every candidate's cost grows
-    with the images (see ``benchmarks/head.py``). The sample is one part of a stratified group split
-    (copies of a file stay together), plus every image of a class too small to leave ``folds`` distinct
-    images in it.
+    with the images (see ``benchmarks/head.py``). The sample is a stratified draw of files (copies of a
+    file stay together), plus every image of a class too small to leave ``folds`` distinct images in it.
     """
     if max_images is None or len(y) <= max_images:
         return None
@@ -240,8 +239,9 @@ def selection_sample(y: np.ndarray, groups: Sequence[Any] | None, max_images: in
     common = np.flatnonzero(~np.isin(y[first], rare))
     if len(common) == 0:  # every class too small to sample
         return None
-    _, part = train_test_split(common, test_size=max(1, round(share * len(first)) - int(counts[rare].sum())),
-                               stratify=y[first][common], random_state=seed)
+    left_out_min = len(np.unique(y[first][common]))  # the draw leaves at least one file of each class out
+    size = min(max(1, round(share * len(first)) - int(counts[rare].sum())), len(common) - left_out_min)
+    _, part = train_test_split(common, test_size=size, stratify=y[first][common], random_state=seed)
     return np.flatnonzero(np.isin(group_of, part) | np.isin(y, rare))
 
 

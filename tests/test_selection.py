@@ -152,6 +152,7 @@ def test_selection_sample_is_stratified_keeps_copies_together_and_small_classes_
     assert all(groups[i] not in picked for i in set(range(len(y))) - set(sample))  # copies on one side
     assert selection_sample(y, groups, None, folds=5, seed=0) is None
     assert selection_sample(y, groups, len(y), folds=5, seed=0) is None
+    assert len(selection_sample(y, None, len(y) - 1, folds=5, seed=0)) == len(y) - 3  # one of each class left out
 
 
 def test_selection_ranks_on_a_sample_of_many_images_and_says_so():
