@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +145,7 @@ def test_backbones_command(cli):
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-C", "0,1"], 2, "C must list numbers > 0"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-mlp", "x"], 2, "--grid-mlp"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-max-images", "many"], 2, "--grid-max-images must be"),
+    (["train", "{tree}", "--out", "{tree}/run"], 2, "is inside the data folder"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-max-images", "10"], 2, "max_images must be a whole number >= 100"),
     (["train", "{tree}", "--out", "{tmp}/r", "--select", "none", "--grid-C", "1"], 2, "need --select cv"),
     (["train", "{tree}", "--out", "{tmp}/r", "--budget", "5"], 2, "--freeze auto"),
@@ -408,3 +412,17 @@ def test_console_entry_leaves_the_exit_gc_nothing_to_do(monkeypatch, capsys):
         gc.unfreeze()
     assert main(["backbones", "tf_efficientnet_lite0", "--json"]) == 0 and gc.get_freeze_count() == 0
     assert capsys.readouterr().out.count('"name": "tf_efficientnet_lite0"') == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux file systems take names that are not UTF-8")
+def test_a_file_name_that_is_not_utf8_is_cached_trained_on_and_predicted(tree, tmp_path, cli):
+    odd = tree / "red" / os.fsdecode(b"\xff\xfeodd.png")  # bytes the OS gives back, not text
+    shutil.copy(tree / "red" / "red_0.png", odd)
+    for argv in (["features", tree, "--cache-dir", tmp_path / "c", "--workers", "0", "-q", "--json"],
+                 ["train", tree, "--out", tmp_path / "run", "--cache-dir", tmp_path / "c", "--workers", "0", "-q"],
+                 ["features", tree, "--cache-dir", tmp_path / "c", "--workers", "0", "-q", "--json"]):
+        code, out, err = cli(*argv)
+        assert code == 0, err
+    assert json.loads(out)["n_cached"] == 13 and json.loads(out)["n_bad"] == 0  # its hash was memoised too
+    code, out, err = cli("predict", tmp_path / "run", odd, "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
+    assert code == 0 and "red" in out, err

@@ -36,6 +36,16 @@ def _memo_path(path: str | os.PathLike[str], cwd: str) -> str:
     return path if os.path.isabs(path) else os.path.join(cwd, path)
 
 
+def _db_text(path: str) -> str:
+    """``path`` as text SQLite can store: itself, or for a name that is not valid UTF-8 (bytes the OS gave,
+    decoded with surrogate escapes) ``bytes:`` and the hex of its bytes; no absolute path starts so."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "bytes:" + os.fsencode(path).hex()
+
+
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
@@ -93,12 +103,12 @@ class Index:
         absolute = [_memo_path(path, cwd) for path in paths]
         memo = {row[0]: row[1:] for row in self._select_in(
             "SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM file_hashes WHERE path IN ({marks})",
-            (), absolute)}
+            (), [_db_text(real) for real in absolute])}
         fresh: list[tuple[str, int, int, int, int, str]] = []
         for i, real in enumerate(absolute):
             try:
                 stamp = _stamp(os.stat(real))
-                hit = memo.get(real)
+                hit = memo.get(_db_text(real))
                 if hit and tuple(hit[:4]) == stamp:
                     keys.append(hit[4])
                     continue
@@ -108,7 +118,7 @@ class Index:
                 errors[i] = _read_error(exc)
                 continue
             keys.append(digest)
-            fresh.append((real, *stamp, digest))
+            fresh.append((_db_text(real), *stamp, digest))
         if fresh:
             with self._transaction() as db:
                 db.executemany(_HASH_ROW, fresh)
@@ -122,7 +132,7 @@ class Index:
         except OSError:
             return
         with self._transaction() as db:
-            db.execute(_HASH_ROW, (real, *_stamp(st), digest))
+            db.execute(_HASH_ROW, (_db_text(real), *_stamp(st), digest))
 
     # ------------------------------------------------------------------------------------ JSON memo
 

@@ -35,10 +35,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    _printable_file_names()
     code = _dispatch(args)
     if argv is None:
         gc.freeze()
     return code
+
+
+def _printable_file_names() -> None:
+    """File names that are not valid UTF-8 (Linux hands them over as bytes) print with a replacement
+    character instead of failing the command; ``--json`` output escapes them anyway."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
