@@ -95,6 +95,7 @@ def train(
     config = TrainConfig(**{**asdict(config), **overrides})
     config.weights = _absolute_weights(config.weights)  # a run must find its weights from any folder
     config.cache_dir = None if config.cache_dir is None else str(config.cache_dir)
+    _check_out_outside_data(data, Path(out))
     if "," in config.backbone or config.ensemble > 1:
         _validate_train_config(config, Path(out))  # fail on bad settings before any heavy work
         return train_ensemble(config, data, Path(out), progress, train_member=_train_single)
@@ -172,6 +173,15 @@ def _absolute_weights(weights: Any) -> str:
     if weights in ("default", "random"):
         return weights
     return str(Path(weights).resolve())
+
+
+def _check_out_outside_data(data: Any, out: Path) -> None:
+    """Refuse a run folder inside the data folder: every later command would read it as a class."""
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        root, target = Path(data).resolve(), out.resolve()
+        if target == root or root in target.parents:
+            raise UsageError(f"--out '{out}' is inside the data folder '{data}', where the run would be read as a "
+                             "class by every later command; write the run outside the data folder")
 
 
 def _validate_train_config(config: TrainConfig, out: Path) -> None:

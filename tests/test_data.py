@@ -389,3 +389,25 @@ def test_single_class_is_fine_for_evaluation(tmp_path):
 def test_float_image_in_unit_range(tmp_path):
     Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
     assert np.asarray(decode_image(tmp_path / "f.tif")).mean() == pytest.approx(128, abs=1)
+
+
+def test_system_and_zip_leftovers_are_ignored_by_rule(tmp_path):
+    tree = make_tree(tmp_path / "t")
+    make_image(tree / "__MACOSX" / "red" / "._red_0.png", (0, 0, 0))  # what a zip made on a Mac unpacks to
+    (tree / "red" / "Thumbs.db").write_bytes(b"\x00" * 10)
+    (tree / "blue" / "desktop.ini").write_text("[.ShellClassInfo]")
+    (tree / ".DS_Store").write_bytes(b"\x00")
+    make_image(tree / "blue" / ".hidden" / "x.png", (0, 0, 0))
+    data = load_images(tree, val_split=0)
+    assert data.train.class_names == ["blue", "red"] and len(data.train) == 12 and data.bad_files == []
+
+
+def test_a_run_folder_inside_the_data_is_skipped_and_listed(tmp_path):
+    tree = make_tree(tmp_path / "t")
+    (tree / "old_run").mkdir()
+    (tree / "old_run" / "run.json").write_text("{}")
+    make_image(tree / "old_run" / "report_thumb.png", (0, 0, 0))
+    data = load_images(tree, val_split=0)
+    assert data.train.class_names == ["blue", "red"]
+    assert [b.reason for b in data.bad_files] == ["a headstart run folder, not a class: skipped (keep runs outside "
+                                                  "the data)"]

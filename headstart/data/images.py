@@ -89,6 +89,15 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information"})
+
+
+def ignored(name: str) -> bool:
+    """Files and folders skipped by rule: hidden ones (``.DS_Store``, ``._photo.jpg``, ``.git``) and what
+    operating systems and zip tools leave behind (``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, ...)."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
 def _walk_files(folder: Path) -> list[Path]:
     """Files below ``folder`` in sorted order; follows symlinked folders but never loops."""
     found: list[Path] = []
@@ -99,8 +108,8 @@ def _walk_files(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not ignored(d))
+        found.extend(Path(dirpath) / name for name in sorted(filenames) if not ignored(name))
     return found
 
 
@@ -108,12 +117,14 @@ def scan_class_folders(root: Path) -> tuple[ImageSet, list[BadFile]]:
     """Read ``root/<class>/<image>`` (class sub-folders are searched recursively)."""
     if not root.is_dir():
         raise DataNotFoundError(f"data folder '{root}' does not exist; {LAYOUT_HINT}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not ignored(p.name))
+    runs = [p for p in folders if (p / "run.json").is_file()]  # a headstart run written inside the data
+    class_dirs = [p for p in folders if p not in runs]
     bad: list[BadFile] = [
         BadFile(str(p), "not inside a class folder (images must be in ROOT/<class>/)")
         for p in sorted(root.iterdir())
-        if p.is_file() and not p.name.startswith(".") and is_image_file(p)
-    ]
+        if p.is_file() and not ignored(p.name) and is_image_file(p)
+    ] + [BadFile(str(p), "a headstart run folder, not a class: skipped (keep runs outside the data)") for p in runs]
     paths: list[Path] = []
     labels: list[int] = []
     names: list[str] = []
