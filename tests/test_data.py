@@ -298,8 +298,20 @@ def test_list_image_paths(tree):
     (tree / "red" / "x.txt").write_text("")
     paths, bad = list_image_paths([tree / "red", tree / "blue" / "blue_0.png"])
     assert len(paths) == 7 and len(bad) == 1
-    with pytest.raises(DataNotFoundError):
+    with pytest.raises(DataNotFoundError, match="'.*nope' does not exist"):
         list_image_paths([tree / "nope"])
+
+
+def test_missing_paths_among_good_ones_are_listed_with_their_reason(tree, tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    paths, bad = list_image_paths([tree / "red" / "red_0.png", tmp_path / "nope.png", tmp_path / "dangling",
+                                   tmp_path / "loop"])
+    assert paths == [tree / "red" / "red_0.png"]
+    assert [b.reason for b in bad] == ["does not exist", f"broken symbolic link (to '{tmp_path / 'gone.png'}', "
+                                       "which does not exist)", "a symbolic link loop"]
+    with pytest.raises(DataNotFoundError, match="symbolic link loop"):
+        list_image_paths([tmp_path / "loop"])
 
 
 # ------------------------------------------------------------------------------------------- edge cases

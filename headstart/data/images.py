@@ -7,6 +7,7 @@ are collected as :class:`BadFile` records (path + reason) that every command rep
 from __future__ import annotations
 
 import csv
+import errno
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -247,5 +248,23 @@ def list_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Pat
         elif p.is_file():
             paths.append(p)
         else:
-            raise DataNotFoundError(f"'{p}' does not exist; give image files or folders of images")
+            bad.append(BadFile(str(p), _missing_reason(p)))
+    if not paths and bad and all(b.reason.startswith(("does not exist", "broken", "a symbolic link loop"))
+                                 for b in bad):
+        raise DataNotFoundError(f"'{bad[0].path}' {bad[0].reason}; give image files or folders of images")
     return paths, bad
+
+
+def _missing_reason(path: Path) -> str:
+    """Why a path given on the command line is neither a file nor a folder."""
+    if not path.is_symlink():
+        return "does not exist"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return "a symbolic link loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"broken symbolic link (to '{os.readlink(path)}', which does not exist)"
+    return "not a file or folder"
