@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._constants import ENGINES, SELECT_MODES
 from ._validation import (
     check_batch_size,
@@ -116,6 +118,7 @@ def _train_single(config: TrainConfig, data: Any, out: Path, progress: bool) -> 
 
             train_set = train_set.subset(bootstrap_indices(train_set.labels, config.bootstrap))
         sets = TrainData(data, loaded, train_set, val_set, val_from)
+        _check_cv_fits(config, train_set.labels)
         bb = create_backbone(config.backbone, config.weights, memo=cache)
         bb.engine = config.engine
         log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
@@ -173,6 +176,14 @@ def _absolute_weights(weights: Any) -> str:
     if weights in ("default", "random"):
         return weights
     return str(Path(weights).resolve())
+
+
+def _check_cv_fits(config: TrainConfig, labels: np.ndarray) -> None:
+    """``--select none --cv K`` on a class of fewer than K images: refused before any feature is computed."""
+    smallest = int(np.bincount(labels).min()) if len(labels) else 0
+    if config.select == "none" and config.cv and smallest < config.cv:
+        raise UsageError(f"--cv {config.cv} needs at least {config.cv} images in every class (the smallest has "
+                         f"{smallest}); lower --cv")
 
 
 def _check_out_outside_data(data: Any, out: Path) -> None:

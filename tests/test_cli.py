@@ -146,6 +146,7 @@ def test_backbones_command(cli):
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-mlp", "x"], 2, "--grid-mlp"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-max-images", "many"], 2, "--grid-max-images must be"),
     (["train", "{tree}", "--out", "{tree}/run"], 2, "is inside the data folder"),
+    (["train", "{tree}", "--out", "{tmp}/r", "--select", "none", "--cv", "100"], 2, "smallest has 6); lower --cv"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-max-images", "10"], 2, "max_images must be a whole number >= 100"),
     (["train", "{tree}", "--out", "{tmp}/r", "--select", "none", "--grid-C", "1"], 2, "need --select cv"),
     (["train", "{tree}", "--out", "{tmp}/r", "--budget", "5"], 2, "--freeze auto"),
