@@ -298,7 +298,7 @@ def test_list_image_paths(tree):
     (tree / "red" / "x.txt").write_text("")
     paths, bad = list_image_paths([tree / "red", tree / "blue" / "blue_0.png"])
     assert len(paths) == 7 and len(bad) == 1
-    with pytest.raises(DataNotFoundError, match="'.*nope' does not exist"):
+    with pytest.raises(DataNotFoundError, match=r"'.*nope' does not exist"):
         list_image_paths([tree / "nope"])
 
 
