@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ._validation import check_batch_size, check_num_workers
 from .backbones import Backbone
 from .cache import FeatureCache, Locations, model_key
+from .cache.pending import FLUSH_BYTES, PendingRows
 from .data import BadFile, decode_bytes, draft_description
 from .engines import engine_signature, openvino_forward, resolve_engine
 from .errors import UsageError
@@ -36,7 +37,6 @@ from .preprocess import autocast, decoder_id, preprocessing_signature, resolve_p
 from .views import AugmentedTransform, CleanTransform, View, ViewsOfFiles, augmented_views, clean_view, view_seed
 
 CUT_POOLED = "pooled"
-FLUSH_BYTES = 256 << 20  # flush pending rows at this size even before ``flush_every`` images
 
 __all__ = [  # the views are defined in .views and re-exported here, where callers have always found them
     "CUT_POOLED", "FLUSH_BYTES", "AugmentedTransform", "CleanTransform", "Cut", "Decoder", "FeatureResult", "View",
@@ -356,36 +356,13 @@ class _Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # expected hash -> why it has no features
 
 
-class _Pending:
-    """Rows and permanent decode failures not yet in the cache. One flush writes one shard holding every
-    view of these images, image by image, so reading them back is one slice."""
-
-    def __init__(self, cache: FeatureCache, decoder: str, row_bytes: int) -> None:
-        self.cache, self.decoder, self.row_bytes = cache, decoder, row_bytes
-        self.rows: list[tuple[str, str, np.ndarray]] = []  # (model key, image key, row)
-        self.permanent: dict[str, str] = {}
-        self.images = 0
-
-    def due(self, flush_every: int) -> bool:
-        return self.images >= flush_every or len(self.rows) * self.row_bytes >= FLUSH_BYTES  # big shards read fast
-
-    def flush(self) -> None:
-        if self.rows:
-            self.cache.write([k for k, _, _ in self.rows], [name for _, name, _ in self.rows],
-                             np.concatenate([row for _, _, row in self.rows]))
-            self.rows.clear()
-        self.cache.record_failures(self.permanent, self.decoder)
-        self.permanent.clear()
-        self.images = 0
-
-
 def _compute_missing(job: _Job, todo: dict[str, tuple[int, list[int]]]) -> _Outcome:
     """Decode and forward the missing views of the ``todo`` images, flushing to the cache as it goes
     (every ``flush_every`` images, and on success and interruption alike: computed rows are kept)."""
     order = list(todo.items())  # (expected image key, (path index, missing views))
     loader = _loader(job, order)
     job.forward = _forward_function(job)
-    pending = _Pending(job.cache, job.decoder.name, job.dim * job.cache.dtype.itemsize)
+    pending = PendingRows(job.cache, job.decoder.name, job.dim * job.cache.dtype.itemsize)
     outcome = _Outcome()
     bar = tqdm(total=len(order), desc=job.desc, unit="img", file=sys.stderr, disable=not job.progress, leave=False)
     try:
@@ -428,7 +405,7 @@ def _loader(job: _Job, order: list[tuple[str, tuple[int, list[int]]]]) -> Any:
 
 
 def _forward_items(job: _Job, order: list[tuple[str, tuple[int, list[int]]]], items: list[dict[str, Any]],
-                   pending: _Pending, outcome: _Outcome) -> None:
+                   pending: PendingRows, outcome: _Outcome) -> None:
     """One batch of decoded items through the backbone; rows to ``pending``, findings to ``outcome``."""
     tensors, owners = [], []
     for item in items:

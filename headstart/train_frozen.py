@@ -182,7 +182,7 @@ def _selection_grid(config: TrainConfig, bb: Backbone, cache: FeatureCache,
 def _cross_validate(config: TrainConfig, x: np.ndarray, y: np.ndarray, groups: list[str],
                     bar: Any = None) -> dict[str, Any]:
     """k-fold CV accuracy of the one fixed head of ``--select none --cv K`` (folds as the selection's)."""
-    from .selection import fold_count, make_folds
+    from .folds import fold_count, make_folds
 
     folds, _ = fold_count(y, config.cv or 0, groups)
     if folds != config.cv:

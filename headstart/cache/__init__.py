@@ -13,7 +13,8 @@ shard and an interrupted extraction loses at most the rows not yet flushed.
 
 Modules: :mod:`.index` (SQLite: rows, file-hash memo, decode failures, JSON memo), :mod:`.shards`
 (shard files and memory maps), :mod:`.locations` (:class:`Locations` and the location memo),
-:mod:`.feature_cache` (:class:`FeatureCache`, which ties them together).
+:mod:`.feature_cache` (:class:`FeatureCache`, which ties them together), :mod:`.pending` (rows
+waiting to be written as one shard).
 """
 
 from .._io import atomic_write_bytes
