@@ -30,6 +30,7 @@ from .backbones import Backbone
 from .cache import FeatureCache, Locations, model_key
 from .cache.pending import FLUSH_BYTES, PendingRows
 from .data import BadFile, decode_bytes, draft_description
+from .data.decode import max_pixels
 from .engines import engine_signature, openvino_forward, resolve_engine
 from .errors import UsageError
 from .gpu_decode import DEVICE_VIEW, DeviceCleanBatches, device_path_applies
@@ -251,6 +252,7 @@ def extract_views(
 def _check_arguments(batch_size: Any, num_workers: Any, views: Sequence[View]) -> None:
     check_batch_size(batch_size)
     check_num_workers(num_workers)
+    max_pixels()  # a bad $HEADSTART_MAX_PIXELS stops here, before any work
     if not views:
         raise UsageError("extract_views needs at least one view")
 

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import io
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import ImageDecodeError, decode_bytes
+from .data.decode import max_pixels
 
 READ_AHEAD = 4  # batches of files read (and hashed) ahead of the one on the device
 READERS = 8  # threads reading files
@@ -126,8 +128,11 @@ def _plain_jpeg(data: bytes) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:  # the header only
-            return img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # the header only
+                return (img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
+                        and img.size[0] * img.size[1] <= max_pixels())  # a larger one: Pillow refuses it
     except Exception:
         return False
 

@@ -423,3 +423,26 @@ def test_a_run_folder_inside_the_data_is_skipped_and_listed(tmp_path):
     assert data.train.class_names == ["blue", "red"]
     assert [b.reason for b in data.bad_files] == ["a headstart run folder, not a class: skipped (keep runs outside "
                                                   "the data)"]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header_and_not_remembered(tree, tmp_path, monkeypatch,
+                                                                                      run_cli):
+    import json
+
+    Image.new("L", (1500, 1000)).save(tree / "red" / "big.png")
+    monkeypatch.setenv("HEADSTART_MAX_PIXELS", "1000000")
+    args = ["features", tree, "--cache-dir", tmp_path / "c", "--workers", "0", "-q", "--json"]
+    code, out, err = run_cli(*args)
+    result = json.loads(out)
+    assert code == 0 and result["n_computed"] == 12 and err == ""  # no raw Pillow warning either
+    assert [b["reason"] for b in result["bad_files"]] == [
+        "image too large (1500 x 1000 = 2 MP; the limit is 1 MP; set HEADSTART_MAX_PIXELS to a larger number of "
+        "pixels to allow it)"]
+    monkeypatch.setenv("HEADSTART_MAX_PIXELS", "2000000")  # raised: the same bytes are decoded this time
+    code, out, _ = run_cli(*args)
+    assert json.loads(out)["n_computed"] == 1 and json.loads(out)["n_bad"] == 0
+    monkeypatch.setenv("HEADSTART_MAX_PIXELS", "lots")
+    with pytest.raises(UsageError, match="HEADSTART_MAX_PIXELS must be a whole number"):
+        decode_bytes((tree / "red" / "big.png").read_bytes())
+    code, _, err = run_cli(*args)
+    assert code == 2 and "HEADSTART_MAX_PIXELS must be a whole number" in err

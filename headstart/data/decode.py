@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ class ImageDecodeError(HeadstartError, OSError):
         super().__init__(message)
         self.permanent = permanent
 
+
+MAX_PIXELS = 90_000_000  # larger images are refused (a 12,000 x 12,000 PNG took 1.6 GB to decode)
+MAX_PIXELS_ENV = "HEADSTART_MAX_PIXELS"
 
 #: Bump when decoding (orientation, mode conversion, compositing) changes pixel values.
 DECODE_VERSION = "decode-1"
@@ -75,17 +79,49 @@ def decode_bytes(data: bytes, path: str | os.PathLike[str] = "<bytes>",
     """
     if not data:
         raise ImageDecodeError(f"{path}: empty file (0 bytes)", permanent=True)
+    limit = max_pixels()  # a bad $HEADSTART_MAX_PIXELS is a UsageError, not this image's fault
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            _draft(img, min_size)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{path}: image too large to decode safely ({exc})", permanent=True) from None
+        with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the limit is checked here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_pixels(img.size, path, limit)
+                _draft(img, min_size)
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError:  # beyond Pillow's own hard limit (2 x 89 MP)
+        raise ImageDecodeError(f"{path}: image too large ({_limit_hint()})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).strip() or type(exc).__name__
         raise ImageDecodeError(f"{path}: cannot decode image ({reason})", permanent=True) from None
+
+
+def max_pixels() -> int:
+    """The largest image decoded, in pixels: ``$HEADSTART_MAX_PIXELS`` or :data:`MAX_PIXELS`."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        from ..errors import UsageError
+
+        raise UsageError(f"${MAX_PIXELS_ENV} must be a whole number of pixels, e.g. 200000000; got '{value}'")
+    return int(value)
+
+
+def _limit_hint() -> str:
+    return f"the limit is {max_pixels() / 1e6:g} MP; set {MAX_PIXELS_ENV} to a larger number of pixels to allow it"
+
+
+def _check_pixels(size: tuple[int, int], path: str | os.PathLike[str], limit: int) -> None:
+    """Refuse an image larger than ``limit`` pixels from its header, before its pixels are decoded.
+
+    Not permanent: the same bytes decode once the limit is raised (the failure is not remembered)."""
+    width, height = size
+    if width * height > limit:
+        raise ImageDecodeError(f"{path}: image too large ({width} x {height} = {width * height / 1e6:.0f} MP; "
+                               f"{_limit_hint()})")
 
 
 def draft_scale(data: bytes, min_size: Sequence[int] | None) -> int:
@@ -94,8 +130,10 @@ def draft_scale(data: bytes, min_size: Sequence[int] | None) -> int:
     if min_size is None or not data:
         return 1
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return _draft(img, min_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return _draft(img, min_size)
     except Exception:  # decode_bytes reports what is wrong with these bytes
         return 1
 
