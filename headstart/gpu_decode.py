@@ -174,6 +174,8 @@ class DeviceCleanBatches:
             except ImageDecodeError as exc:
                 items[i]["error"] = str(exc).removeprefix(f"{self.paths[start + i]}: ")
                 items[i]["permanent"] = exc.permanent
+            except Exception as exc:  # as on the CPU path: a strange image must not kill the run
+                items[i]["error"] = f"cannot preprocess image ({type(exc).__name__}: {exc})"
         order = sorted(images)
         if order:
             batch = preprocess([images[i] for i in order], self.data_config)
