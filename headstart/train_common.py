@@ -9,7 +9,7 @@ their validation probabilities as :class:`HeldOut`, which an ensemble averages.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ class TrainData:
     train: ImageSet
     val: ImageSet | None
     val_from: str  # "folder", "split" or "none"
+    leaks: list[tuple[str, str]] = field(default_factory=list)  # byte-identical (train, val) files of given splits
 
 
 @dataclass
@@ -60,8 +61,12 @@ def content_keys(cache: FeatureCache, paths: list[Path]) -> list[str]:
 
 
 def split_train_val(loaded: LoadedData, config: TrainConfig, cache: FeatureCache,
-                    progress: bool) -> tuple[ImageSet, ImageSet | None, str]:
-    """Training and validation sets; a split is stratified and keeps identical files on one side."""
+                    progress: bool) -> tuple[ImageSet, ImageSet | None, str, list[tuple[str, str]]]:
+    """Training and validation sets; a split is stratified and keeps identical files on one side.
+
+    With a given ``val/`` folder, files found byte for byte on both sides are returned as (train, val)
+    pairs and warned about: they make the validation score optimistic.
+    """
     groups = content_keys(cache, loaded.train.paths)
     labels_of: dict[str, set[int]] = {}
     for g, label in zip(groups, loaded.train.labels):
@@ -72,13 +77,27 @@ def split_train_val(loaded: LoadedData, config: TrainConfig, cache: FeatureCache
         log(progress, f"warning: {len(clashes)} image(s) appear, byte for byte, in more than one class, "
                       f"e.g. {example}")
     if loaded.val is not None:
-        return loaded.train, loaded.val, loaded.val_from
+        return loaded.train, loaded.val, loaded.val_from, _leaks(loaded, groups, cache, progress)
     if config.val_split == 0:
-        return loaded.train, None, "none"
+        return loaded.train, None, "none", []
     train_idx, val_idx = stratified_split(loaded.train.labels, config.val_split, config.seed, groups=groups)
     if not len(val_idx):
-        return loaded.train, None, "none"
-    return loaded.train.subset(train_idx), loaded.train.subset(val_idx), "split"
+        return loaded.train, None, "none", []
+    return loaded.train.subset(train_idx), loaded.train.subset(val_idx), "split", []
+
+
+def _leaks(loaded: LoadedData, train_keys: list[str], cache: FeatureCache, progress: bool) -> list[tuple[str, str]]:
+    """(train, val) pairs of byte-identical files across the given splits, with one warning line."""
+    first = {}
+    for path, key in zip(loaded.train.paths, train_keys):
+        first.setdefault(key, str(path))
+    assert loaded.val is not None
+    pairs = [(first[key], str(path)) for path, key in zip(loaded.val.paths, content_keys(cache, loaded.val.paths))
+             if key in first]
+    if pairs:
+        log(progress, f"warning: {len(pairs)} of {len(loaded.val)} validation image(s) are byte-identical copies of "
+                      f"training images (the validation score is optimistic), e.g. {pairs[0][1]} = {pairs[0][0]}")
+    return pairs
 
 
 def training_pipeline(config: TrainConfig, bb: Backbone, train_set: ImageSet, cache: FeatureCache,
@@ -131,5 +150,6 @@ def run_info(config: TrainConfig, data: TrainData, bb: Backbone, metrics: dict[s
         **sections,
         "data": {"source": str(data.source), "layout": data.loaded.layout, "val_from": data.val_from,
                  "n_train": metrics["n_train"], "n_val": int(metrics.get("val", {}).get("n_images", 0)),
-                 "class_counts": data.train.class_counts(), "n_bad_files": n_bad},
+                 "class_counts": data.train.class_counts(), "n_bad_files": n_bad,
+                 "identical_in_train_and_val": [list(pair) for pair in data.leaks]},
     }

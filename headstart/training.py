@@ -112,12 +112,12 @@ def _train_single(config: TrainConfig, data: Any, out: Path, progress: bool) -> 
     for note in loaded.notes:
         log(progress, f"note: {note}")
     with FeatureCache(config.cache_dir) as cache:
-        train_set, val_set, val_from = split_train_val(loaded, config, cache, progress)
+        train_set, val_set, val_from, leaks = split_train_val(loaded, config, cache, progress)
         if config.bootstrap is not None:
             from .ensemble import bootstrap_indices
 
             train_set = train_set.subset(bootstrap_indices(train_set.labels, config.bootstrap))
-        sets = TrainData(data, loaded, train_set, val_set, val_from)
+        sets = TrainData(data, loaded, train_set, val_set, val_from, leaks)
         _check_cv_fits(config, train_set.labels)
         bb = create_backbone(config.backbone, config.weights, memo=cache)
         bb.engine = config.engine

@@ -427,3 +427,16 @@ def test_a_file_name_that_is_not_utf8_is_cached_trained_on_and_predicted(tree, t
     assert json.loads(out)["n_cached"] == 13 and json.loads(out)["n_bad"] == 0  # its hash was memoised too
     code, out, err = cli("predict", tmp_path / "run", odd, "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
     assert code == 0 and "red" in out, err
+
+
+def test_copies_of_training_images_in_the_given_val_folder_are_warned_about_and_recorded(tmp_path, cli):
+    make_tree(tmp_path / "d" / "train")
+    make_tree(tmp_path / "d" / "val", per_class=2, classes=("blue", "red"))  # other seeds: not copies
+    for name in ("red_4.png", "red_5.png"):  # byte copies: a leak
+        shutil.copy(tmp_path / "d" / "train" / "red" / name, tmp_path / "d" / "val" / "red" / f"copy_{name}")
+    code, _, err = cli("train", tmp_path / "d", "--out", tmp_path / "run", "--cache-dir", tmp_path / "c",
+                       "--workers", "0", "--select", "none")
+    assert code == 0 and "warning: 2 of 6 validation image(s) are byte-identical copies of training images" in err
+    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert sorted(Path(val).name for _, val in data["identical_in_train_and_val"]) == ["copy_red_4.png",
+                                                                                      "copy_red_5.png"]
