@@ -87,7 +87,7 @@ def _scored_on_val(run, tree, cache_dir, val_split=0.34):
     from headstart.train_common import split_train_val
 
     with headstart.FeatureCache(cache_dir) as cache:
-        _, val_set, _ = split_train_val(load_images(tree, val_split=0), training.TrainConfig(val_split=val_split),
+        _, val_set, *_ = split_train_val(load_images(tree, val_split=0), training.TrainConfig(val_split=val_split),
                                         cache, progress=False)
         probs = run_probabilities(run, val_set.paths, cache, num_workers=0, progress=False)
     return json.loads(json.dumps(classification_metrics(val_set.labels[probs.ok], probs.proba, run.class_names)))
