@@ -22,7 +22,6 @@ never mixed, and the features agree within cosine 0.99 (tests).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import warnings
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from .data import ImageDecodeError, decode_bytes
 from .data.decode import max_pixels
+from .views import read_and_hash
 
 READ_AHEAD = 4  # batches of files read (and hashed) ahead of the one on the device
 READERS = 8  # threads reading files
@@ -115,11 +115,8 @@ class _Read:
 
 def read_file(path: Path) -> _Read:
     """Read and hash ``path``; note whether its bytes are a JPEG the device can decode as is."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return _Read(error="file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc})")
-    return _Read(data, hashlib.sha256(data).hexdigest(), plain_jpeg=_plain_jpeg(data))
+    data, digest, error = read_and_hash(path)
+    return _Read(data, digest, error, plain_jpeg=not error and _plain_jpeg(data))
 
 
 def _plain_jpeg(data: bytes) -> bool:

@@ -103,6 +103,15 @@ def augmented_views(pipeline: Any, data_config: dict[str, Any], n_views: int, se
                  {"view": "augmented", "augment": config, "seed": seed, "index": v}) for v in range(n_views)]
 
 
+def read_and_hash(path: Path) -> tuple[bytes, str, str]:
+    """A file's bytes and their sha256, or why it could not be read: ``(data, digest, error)``."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return b"", "", "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc})"
+    return data, hashlib.sha256(data).hexdigest(), ""
+
+
 class ViewsOfFiles(Dataset):
     """Item ``i``: every requested view of file ``i``, from one read and as few decodes as their sizes allow.
 
@@ -130,12 +139,9 @@ class ViewsOfFiles(Dataset):
         path = self.paths[i]
         item: dict[str, Any] = {"index": i, "digest": "", "error": "", "permanent": False,
                                 "views": self.wanted[i], "tensors": None}
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            item["error"] = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc})"
+        data, item["digest"], item["error"] = read_and_hash(path)
+        if item["error"]:
             return item
-        item["digest"] = hashlib.sha256(data).hexdigest()
         try:
             item["tensors"] = torch.stack(self._views(data, path, item["digest"], self.wanted[i]))
         except ImageDecodeError as exc:
