@@ -46,3 +46,7 @@ class NotFittedError(HeadstartError, _SklearnNotFittedError):
 
     Also scikit-learn's ``NotFittedError``, so a ``ValueError`` and an ``AttributeError``.
     """
+
+
+class DiskFullError(HeadstartError, OSError):
+    """A write failed because the file system holding the file is full (nothing half-written is left)."""
