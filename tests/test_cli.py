@@ -168,6 +168,46 @@ def test_exit_codes(tree, tmp_path, capsys, argv, code, message):
         assert len(err.strip().splitlines()) == 1  # a one-line reason, no traceback
 
 
+def _failing_backbones(monkeypatch, exc):
+    from headstart.cli import commands
+
+    def fail(args):
+        raise exc
+    monkeypatch.setattr(commands, "cmd_backbones", fail)
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    _failing_backbones(monkeypatch, RuntimeError("size mismatch for head.weight:\n  copying a param ..."))
+    monkeypatch.delenv("HEADSTART_DEBUG", raising=False)
+    assert main(["backbones"]) == 1
+    assert capsys.readouterr().err == ("headstart backbones: failed: RuntimeError: size mismatch for head.weight: ... "
+                                       "(run with --debug for the traceback)\n")
+    for argv in (["--debug", "backbones"], ["backbones", "--debug"]):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            main(argv)
+    monkeypatch.setenv("HEADSTART_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["backbones"])
+    monkeypatch.setenv("HEADSTART_DEBUG", "0")
+    assert main(["backbones"]) == 1
+
+
+@pytest.mark.filterwarnings("always::UserWarning")
+def test_warnings_are_one_line_naming_the_command(monkeypatch, capsys):
+    import warnings
+
+    from headstart.cli import commands
+
+    def warn(args):
+        warnings.warn("a library's note\nwith a second line", UserWarning, stacklevel=1)
+        return 0
+    monkeypatch.setattr(commands, "cmd_backbones", warn)
+    before = warnings.showwarning
+    assert main(["backbones"]) == 0
+    assert capsys.readouterr().err == "headstart backbones: warning: a library's note with a second line\n"
+    assert warnings.showwarning is before  # put back: the CLI's display lasts as long as its command
+
+
 def test_no_command_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     assert "usage: headstart" in capsys.readouterr().err

@@ -7,6 +7,7 @@ against; nothing here imports torch, timm or scikit-learn, so ``--help`` and ``-
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from typing import Any
 
 from .. import __version__
@@ -37,6 +38,8 @@ from . import commands
 
 ENGINE_HELP = ("what runs the backbone's forward: auto = OpenVINO on CPUs where installed (1.6-2x PyTorch), "
                "else PyTorch (default; $HEADSTART_ENGINE overrides auto)")
+DEBUG_HELP = ("on an unexpected error, show the full Python traceback instead of one line (also "
+              "$HEADSTART_DEBUG=1)")
 WEIGHTS_HELP = ("'default' (packaged offline weights, else timm download), 'random', "
                 "or a .safetensors/.pth file (default: %(default)s)")
 
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                "or a CSV with columns path,label.",
     )
     parser.add_argument("--version", action="version", version=f"headstart {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a classifier: head on cached features, fine-tuning, or an ensemble",
@@ -280,4 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the sweep (leaderboard included) as JSON on stdout")
     _add_common(p, backbone=False)
     p.set_defaults(func=commands.cmd_sweep)
+    _add_debug(sub.choices.values())
     return parser
+
+
+def _add_debug(subparsers: Iterable[argparse.ArgumentParser]) -> None:
+    """``--debug`` after the command too (``headstart train ... --debug``); an alias's parser gets it once."""
+    for p in {id(p): p for p in subparsers}.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
