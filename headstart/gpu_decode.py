@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import ImageDecodeError, decode_bytes
-from .data.decode import max_pixels
+from .data.decode import max_pixels, quiet_orientation
 from .views import read_and_hash
 
 READ_AHEAD = 4  # batches of files read (and hashed) ahead of the one on the device
@@ -128,7 +128,9 @@ def _plain_jpeg(data: bytes) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # the header only
-                return (img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
+                # quiet_orientation, not getexif: this runs in reader threads, where Pillow's warnings on a
+                # damaged EXIF block cannot be caught; such a file goes to Pillow, which names it in its warning
+                return (img.mode in ("RGB", "L") and quiet_orientation(img) == 1
                         and img.size[0] * img.size[1] <= max_pixels())  # a larger one: Pillow refuses it
     except Exception:
         return False

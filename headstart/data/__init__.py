@@ -16,6 +16,7 @@ from .decode import (
     DECODE_VERSION,
     DRAFT_MARGIN,
     ImageDecodeError,
+    ImageWarning,
     decode_bytes,
     decode_image,
     draft_description,
@@ -38,7 +39,7 @@ from .split import content_groups, stratified_split
 
 __all__ = [
     "DECODE_VERSION", "DRAFT_MARGIN", "IMAGE_EXTENSIONS", "LAYOUT_HINT", "TRAIN_FOLDER_NAMES", "VAL_FOLDER_NAMES",
-    "BadFile", "ImageDecodeError", "ImageSet", "LoadedData", "content_groups", "decode_bytes", "decode_image",
-    "draft_description", "draft_scale", "is_image_file", "list_image_paths", "load_images", "read_csv_manifest",
-    "require_every_class", "scan_class_folders", "stratified_split",
+    "BadFile", "ImageDecodeError", "ImageSet", "ImageWarning", "LoadedData", "content_groups", "decode_bytes",
+    "decode_image", "draft_description", "draft_scale", "is_image_file", "list_image_paths", "load_images",
+    "read_csv_manifest", "require_every_class", "scan_class_folders", "stratified_split",
 ]

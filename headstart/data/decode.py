@@ -1,10 +1,18 @@
-"""Decode image files and bytes to 8-bit RGB, safely: EXIF orientation, any mode, clear errors."""
+"""Decode image files and bytes to 8-bit RGB, safely: EXIF orientation, any mode, clear errors.
+
+What Pillow warns about while decoding (corrupt EXIF data, a malformed MPO or APNG) does not reach
+stderr as Pillow's own text: it is captured around the decode and said again as one
+:class:`ImageWarning` naming the file, e.g. ``photo.jpg: corrupt EXIF data (ignored, image used)``.
+This happens where the image is decoded, DataLoader worker processes included.
+"""
 
 from __future__ import annotations
 
 import io
 import math
 import os
+import re
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +36,26 @@ class ImageDecodeError(HeadstartError, OSError):
         self.permanent = permanent
 
 
+class ImageWarning(UserWarning):
+    """An image was decoded and used, but something in it was ignored (e.g. corrupt EXIF data).
+
+    The message starts with the file's path. Silence them with
+    ``warnings.filterwarnings("ignore", category=headstart.data.ImageWarning)``.
+    """
+
+
+#: Pillow's warnings (their start, lower case) -> what the ImageWarning says instead
+PIL_WARNINGS: dict[str, str] = {
+    "possibly corrupt exif": "corrupt EXIF data (ignored, image used)",
+    "corrupt exif": "corrupt EXIF data (ignored, image used)",
+    "tag data larger than file": "corrupt EXIF data (ignored, image used)",
+    "tag offset too large": "corrupt EXIF data (ignored, image used)",
+    "metadata warning": "corrupt EXIF data (ignored, image used)",
+    "image appears to be a malformed mpo": "malformed MPO data (read as a plain JPEG, image used)",
+    "invalid apng": "invalid APNG animation data (the default image used)",
+    "truncated file read": "truncated metadata (ignored, image used)",
+}
+
 MAX_PIXELS = 90_000_000  # larger images are refused (a 12,000 x 12,000 PNG took 1.6 GB to decode)
 MAX_PIXELS_ENV = "HEADSTART_MAX_PIXELS"
 
@@ -40,6 +68,7 @@ DECODE_VERSION = "decode-1"
 #: entropy decoding, which no scale saves, dominates); 2x is ~5x faster than a full decode + resize.
 DRAFT_MARGIN = 2
 _ORIENTATION = 0x0112  # EXIF tag
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # where Pillow's getexif looks without EXIF
 _SIDEWAYS = (5, 6, 7, 8)  # orientations whose transpose swaps width and height
 
 
@@ -80,15 +109,32 @@ def decode_bytes(data: bytes, path: str | os.PathLike[str] = "<bytes>",
     if not data:
         raise ImageDecodeError(f"{path}: empty file (0 bytes)", permanent=True)
     limit = max_pixels()  # a bad $HEADSTART_MAX_PIXELS is a UsageError, not this image's fault
+    with warnings.catch_warnings(record=True) as caught:  # said again below, naming the file
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked here
+        image = _decode(data, path, min_size, limit)
+    for text in dict.fromkeys(describe_warning(w.message) for w in caught):
+        warnings.warn(f"{path}: {text}", ImageWarning, stacklevel=2)
+    return image
+
+
+def describe_warning(message: Warning | str) -> str:
+    """What an :class:`ImageWarning` says for one of Pillow's warnings (its first line, when not known)."""
+    lines = str(message).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else type(message).__name__
+    low = text.lower()
+    return next((ours for start, ours in PIL_WARNINGS.items() if low.startswith(start)),
+                f"{text.rstrip('.')} (image used)")
+
+
+def _decode(data: bytes, path: str | os.PathLike[str], min_size: Sequence[int] | None, limit: int) -> Image.Image:
     try:
-        with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the limit is checked here
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                _check_pixels(img.size, path, limit)
-                _draft(img, min_size)
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
+        with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img.size, path, limit)
+            _draft(img, min_size)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError:  # beyond Pillow's own hard limit (2 x 89 MP)
@@ -130,8 +176,8 @@ def draft_scale(data: bytes, min_size: Sequence[int] | None) -> int:
     if min_size is None or not data:
         return 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # the header only: decode_bytes reports what is wrong in it
+            warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
                 return _draft(img, min_size)
     except Exception:  # decode_bytes reports what is wrong with these bytes
@@ -153,6 +199,39 @@ def _draft(img: Image.Image, min_size: Sequence[int] | None) -> int:
     img.draft(None, (width, height))  # Pillow keeps both sides >= the size asked for; 1/1 decodes as usual
     config = getattr(img, "decoderconfig", ())
     return int(config[0]) if config else 1
+
+
+def quiet_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation (1 = upright, 2-8 = flipped or turned) of an opened image, as Pillow's
+    ``getexif`` reads it (EXIF, else XMP), without parsing the rest of the EXIF block and so without
+    its warnings, which makes it safe in threads; None when the block is damaged where it matters."""
+    raw = img.info.get("exif")
+    orientation = _exif_orientation(raw) if isinstance(raw, bytes) else 0
+    if orientation != 0:
+        return orientation
+    xmp = img.info.get("XML:com.adobe.xmp") or img.info.get("xmp")
+    match = _XMP_ORIENTATION.search(xmp.encode() if isinstance(xmp, str) else xmp) if xmp else None
+    return int(match[2]) if match else 1
+
+
+def _exif_orientation(raw: bytes) -> int | None:
+    """The orientation tag of the first IFD of a raw EXIF block: 0 when absent, None when unreadable."""
+    tiff = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if tiff[:2] == b"II" else ">"
+    (offset,) = struct.unpack_from(order + "I", tiff, 4)
+    if offset + 2 > len(tiff):
+        return None
+    (count,) = struct.unpack_from(order + "H", tiff, offset)
+    if offset + 2 + 12 * count > len(tiff):
+        return None
+    for entry in range(offset + 2, offset + 2 + 12 * count, 12):
+        tag, kind, n = struct.unpack_from(order + "HHI", tiff, entry)
+        if tag == _ORIENTATION:
+            value = struct.unpack_from(order + "H", tiff, entry + 8)[0] if (kind, n) == (3, 1) else 0
+            return value if 1 <= value <= 8 else None
+    return 0
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
