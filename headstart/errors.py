@@ -7,6 +7,8 @@ keeps working. Messages name the file or parameter, what was expected, what was 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 
@@ -39,6 +41,18 @@ class WeightsError(HeadstartError, RuntimeError):
 
 class RunError(HeadstartError, ValueError):
     """A saved run folder is missing, incomplete or does not match what it is used with."""
+
+
+class HeadFileError(RunError):
+    """A saved head (``head.safetensors`` or its ``.json`` settings) is missing, unreadable or inconsistent.
+
+    ``file`` is the file at fault and ``problem`` what is wrong with it (no fix), so a run can say it in
+    its own words.
+    """
+
+    def __init__(self, file: Path, problem: str, fix: str = "save the head again with head.save(path)") -> None:
+        self.file, self.problem = file, problem
+        super().__init__(f"head file '{file}' {problem}; {fix}")
 
 
 class NotFittedError(HeadstartError, _SklearnNotFittedError):

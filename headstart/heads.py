@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
@@ -36,7 +35,8 @@ from torch import nn
 from ._constants import DEFAULT_MLP_HIDDEN, HEAD_TYPES  # noqa: F401  (HEAD_TYPES: also importable from here)
 from ._io import atomic_write_bytes
 from ._validation import check_head_type, check_positive_int
-from .errors import NotFittedError, RunError, UsageError
+from .artifacts import read_head_settings, read_head_tensors
+from .errors import HeadFileError, NotFittedError, UsageError
 from .linear_path import class_weights, fit_softmax
 
 
@@ -391,17 +391,26 @@ def make_head(kind: str = "linear", **params: Any) -> LinearHead | MLPHead:
 
 
 def load_head(path: str | os.PathLike[str]) -> LinearHead | MLPHead:
-    """Load a head written by ``head.save(path)`` (safetensors + JSON; no pickle)."""
+    """Load a head written by ``head.save(path)`` (safetensors + JSON; no pickle).
+
+    Raises:
+        HeadFileError: (a :class:`RunError`) either file is missing or unreadable, or the tensors do not fit
+            the settings; one line naming the file.
+    """
     path = Path(path)
     meta_path = path.with_name(path.name + ".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise RunError(f"head file '{path}' or its settings '{meta_path.name}' is missing")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    head = make_head(meta["type"], **meta["params"])
-    classes = np.asarray(meta["classes"])
-    module = head._build(int(meta["n_features_in"]), len(classes))
-    module.load_state_dict(load_file(str(path)), strict=True)
+    meta = read_head_settings(meta_path)
+    n_features, classes = meta["n_features_in"], np.asarray(meta["classes"])
+    try:
+        head = make_head(meta["type"], **meta["params"])
+        module = head._build(n_features, len(classes))
+    except (TypeError, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise HeadFileError(meta_path, f"has 'params' this headstart cannot use ({detail})") from None
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    settings = f"{meta_path.name} ({len(classes)} classes, {n_features} features)"
+    module.load_state_dict(read_head_tensors(path, expected, settings), strict=True)
     head.module_ = module.eval()
     head.classes_ = classes
-    head.n_features_in_ = int(meta["n_features_in"])
+    head.n_features_in_ = n_features
     return head
