@@ -34,13 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_bytes
+from .artifacts import DIGESTS, check_digests, record_digests, recorded_digests, refusal, warn_unverified
 from .ensemble import check_compatible
-from .errors import RunError, UsageError
+from .errors import HeadFileError, RunError, UsageError
 from .heads import LinearHead, MLPHead, load_head
 
 RUN_FORMAT = 1
 RUN_FILE = "run.json"
 HEAD_FILE = "head.safetensors"
+HEAD_SETTINGS = HEAD_FILE + ".json"
 
 
 @dataclass
@@ -62,28 +64,94 @@ class Run:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Run:
-        path = Path(path)
-        if not path.is_dir():
-            raise RunError(f"run folder '{path}' does not exist; create one with 'headstart train DATA --out {path}'")
-        info_path = path / RUN_FILE
-        if not info_path.is_file():
-            raise RunError(f"'{path}' is not a headstart run: it has no {RUN_FILE}")
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-            if info.get("format") != RUN_FORMAT:
-                raise RunError(f"run '{path}' has format {info.get('format')}; this headstart reads format "
-                               f"{RUN_FORMAT}")
-            for key in ("class_names", "backbone", "data_config", "preprocessing"):
-                if key not in info:
-                    raise RunError(f"run '{path}' is incomplete: {RUN_FILE} lacks '{key}'")
-            head = load_head(path / HEAD_FILE)
-            metrics_path = path / "metrics.json"
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            if isinstance(exc, RunError):
-                raise
-            raise RunError(f"run '{path}' is damaged ({type(exc).__name__}: {exc}); train it again") from None
-        return cls(path, info, head, metrics)
+        """Load the run at ``path``, checking once that its parts agree.
+
+        Every file ``run.json`` records must exist with its recorded size and sha256; the head's classes
+        must be ``run.json``'s, in the same order; its tensors must fit its settings and the backbone's
+        feature width. A run written before digests were recorded loads with one warning line on stderr
+        (the other checks still apply).
+
+        Raises:
+            RunError: one line naming the run folder and the file at fault, what was expected and the fix.
+        """
+        run, verified = cls._load(Path(path))
+        if not verified:
+            warn_unverified(run.path)
+        return run
+
+    @classmethod
+    def _load(cls, path: Path, info: dict[str, Any] | None = None) -> tuple[Run, bool]:
+        """The run at ``path`` (its ``run.json`` already read: ``info``) and whether its digests were checked."""
+        info = _read_info(path) if info is None else info
+        _check_single_info(path, info)
+        digests = recorded_digests(path, info, _required_files(info))
+        head = _checked_head(path, info)
+        if digests is not None:
+            check_digests(path, digests)
+        metrics = _read_json(path, "metrics.json") if (path / "metrics.json").is_file() else {}
+        return cls(path, info, head, metrics), digests is not None
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    """The JSON file ``name`` of the run folder ``folder``; a refusal naming it if it cannot be read."""
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise refusal(folder, f"{name} is damaged (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise refusal(folder, f"{name} is damaged (not valid JSON: {exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise refusal(folder, f"{name} cannot be read ({exc.strerror or exc})") from None
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    """``run.json`` of the folder ``path``, of this headstart's format."""
+    if not path.is_dir():
+        raise RunError(f"run folder '{path}' does not exist; create one with 'headstart train DATA --out {path}'")
+    if not (path / RUN_FILE).is_file():
+        raise RunError(f"'{path}' is not a headstart run: it has no {RUN_FILE}")
+    info = _read_json(path, RUN_FILE)
+    if not isinstance(info, dict):
+        raise refusal(path, f"{RUN_FILE} is damaged (not a JSON object)")
+    if info.get("format") != RUN_FORMAT:
+        raise RunError(f"run '{path}' has format {info.get('format')}; this headstart reads format {RUN_FORMAT}")
+    return info
+
+
+def _check_single_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse a single run's ``run.json`` that lacks an entry or whose class list is not one."""
+    for key in ("class_names", "backbone", "data_config", "preprocessing"):
+        if key not in info:
+            raise refusal(path, f"{RUN_FILE} is incomplete: it lacks '{key}'")
+    names = info["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise refusal(path, f"{RUN_FILE}'s 'class_names' is not a list of distinct class names")
+    if not isinstance(info["backbone"], dict) or not isinstance(info["backbone"].get("weights"), str):
+        raise refusal(path, f"{RUN_FILE}'s 'backbone' lacks its 'weights'")
+
+
+def _required_files(info: dict[str, Any]) -> list[str]:
+    """The files a single run cannot be used without: the head, and fine-tuned weights kept in the run."""
+    weights = info["backbone"]["weights"]
+    return [HEAD_FILE, HEAD_SETTINGS] + ([weights.removeprefix("run:")] if weights.startswith("run:") else [])
+
+
+def _checked_head(path: Path, info: dict[str, Any]) -> LinearHead | MLPHead:
+    """The run's head, refused unless it predicts the run's classes in order on the backbone's features."""
+    try:
+        head = load_head(path / HEAD_FILE)
+    except HeadFileError as exc:
+        raise refusal(path, f"{Path(exc.file).name} {exc.problem}") from None
+    classes, names = [str(c) for c in head.classes_], info["class_names"]
+    if classes != names:
+        how = "in another order" if sorted(classes) == sorted(names) else "other classes"
+        raise refusal(path, f"{HEAD_SETTINGS} lists the classes {classes} but {RUN_FILE} lists {names} ({how}: "
+                            "the head is from another run, or a file was edited)")
+    width = info["backbone"].get("num_features")
+    if isinstance(width, int) and head.n_features_in_ != width:
+        raise refusal(path, f"{HEAD_FILE} takes {head.n_features_in_} features but {RUN_FILE}'s backbone "
+                            f"'{info['backbone'].get('name')}' gives {width} (the head is from another run)")
+    return head
 
 
 def swap_into_place(staging: Path, out: Path) -> None:
@@ -125,20 +193,41 @@ AnyRun = Run | EnsembleRun
 
 
 def load_run(path: str | os.PathLike[str]) -> AnyRun:
-    """Load a single or an ensemble run."""
+    """Load a single or an ensemble run, checked as :meth:`Run.load` says.
+
+    An ensemble's ``run.json`` records the digest of each member's ``run.json`` (which records the
+    member's files); every member is checked, and must predict the ensemble's classes in its order.
+    """
     path = Path(path)
-    info_path = path / RUN_FILE
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise RunError(f"run '{path}' is damaged ({exc}); train it again") from None
-        if info.get("type") == "ensemble":
-            members = [Run.load(path / m["path"]) for m in info.get("members", [])]
-            if not members:
-                raise RunError(f"ensemble run '{path}' lists no members")
-            return EnsembleRun(path, info, members, [float(m.get("weight", 1.0)) for m in info["members"]])
-    return Run.load(path)
+    info = _read_info(path)
+    if info.get("type") != "ensemble":
+        run, verified = Run._load(path, info)
+        if not verified:
+            warn_unverified(path)
+        return run
+    return _load_ensemble(path, info)
+
+
+def _load_ensemble(path: Path, info: dict[str, Any]) -> EnsembleRun:
+    entries = info.get("members")
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries):
+        raise refusal(path, f"{RUN_FILE} lists no members")
+    digests = recorded_digests(path, info, [f"{e['path']}/{RUN_FILE}" for e in entries])
+    if digests is not None:
+        check_digests(path, digests)
+    loaded = [Run._load(path / e["path"]) for e in entries]
+    for entry, (member, _) in zip(entries, loaded):
+        if member.class_names != info.get("class_names"):
+            raise refusal(path, f"{entry['path']} predicts the classes {member.class_names} but {RUN_FILE} lists "
+                                f"{info.get('class_names')} (a member from another run, or a file was edited)")
+    if digests is None or not all(verified for _, verified in loaded):
+        warn_unverified(path)
+    try:
+        weights = [float(e.get("weight", 1.0)) for e in entries]
+    except (TypeError, ValueError):
+        raise refusal(path, f"{RUN_FILE} gives a member a weight that is not a number") from None
+    return EnsembleRun(path, info, [member for member, _ in loaded], weights)
 
 
 def members_of(run: AnyRun) -> list[Run]:
@@ -176,17 +265,25 @@ def write_run(out: Path, info: dict[str, Any], head: LinearHead | MLPHead, metri
               bad_files: list[dict[str, str]], extra: dict[str, bytes] | None = None) -> Path:
     """Write a complete single run folder to ``out`` atomically (built aside, then renamed into place).
 
+    ``run.json`` records the sha256 and size of every other file (:func:`~headstart.artifacts.record_digests`).
+
     Args:
+        info: the run's description; its ``class_names`` must be the head's classes, in the head's order.
         extra: more files of the run by name, e.g. fine-tuned backbone weights or per-epoch metrics.
     """
     out = Path(out)
+    classes = [str(c) for c in head.classes_]
+    if classes != list(info["class_names"]):
+        raise RunError(f"cannot write the run '{out}': the head's classes {classes} are not its class_names "
+                       f"{info['class_names']} in the same order")
     with _staged(out) as staging:
         head.save(staging / HEAD_FILE)
         for name, data in (extra or {}).items():
             atomic_write_bytes(staging / name, data)
         _write_json(staging / "metrics.json", metrics)
         _write_json(staging / "bad_files.json", bad_files)
-        _write_json(staging / RUN_FILE, {"format": RUN_FORMAT, **info})
+        files = [HEAD_FILE, HEAD_SETTINGS, "metrics.json", "bad_files.json", *(extra or {})]
+        _write_json(staging / RUN_FILE, {"format": RUN_FORMAT, **info, DIGESTS: record_digests(staging, files)})
     return out
 
 
@@ -232,8 +329,9 @@ def write_ensemble_run(out: Path, members: Sequence[Run], member_weights: Sequen
             entries.append({"path": f"members/{i}", "weight": float(weight), "backbone": member.backbone_name,
                             "freeze": member.info["backbone"].get("freeze", "all"),
                             "source": None if move else str(member.path)})
+        digests = record_digests(staging, [f"{e['path']}/{RUN_FILE}" for e in entries])
         info = {"format": RUN_FORMAT, "type": "ensemble", "class_names": members[0].class_names,
-                "members": entries, **(extra or {})}
+                "members": entries, **(extra or {}), DIGESTS: digests}
         _write_json(staging / RUN_FILE, info)
     placed = [Run(out / e["path"], m.info, m.head, m.metrics) for e, m in zip(entries, members)]
     return EnsembleRun(out, json.loads(json.dumps(info)), placed, [e["weight"] for e in entries])
