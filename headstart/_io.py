@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -32,9 +33,28 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        if _is_disk_full(exc):
+            raise disk_full(path, exc) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    """ENOSPC/EDQUOT, or numpy's short write ("N requested and M written"), which carries no errno."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc))
+
+
+def disk_full(path: Path, exc: BaseException) -> Exception:
+    """The error for a write to ``path`` that failed on a full file system: names the folder and the fix."""
+    from .errors import DiskFullError
+
+    error = DiskFullError(f"no space left on {Path(path).parent} (writing {Path(path).name}: {exc}); "
+                          "free space or use --cache-dir / --out on another disk")
+    error.errno = errno.ENOSPC
+    return error
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

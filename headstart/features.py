@@ -2,8 +2,9 @@
 
 :func:`extract_features` hashes each file, looks the hashes up in the :class:`~headstart.cache.FeatureCache`,
 decodes and forwards only the images it lacks (in DataLoader worker processes, batched, bf16 and
-channels-last on CPUs with AMX), and flushes new rows to the cache every ``flush_every`` images and on
-any interruption, so nothing computed is lost and a re-run resumes where it stopped.
+channels-last on CPUs with AMX), and flushes new rows to the cache every ``flush_every`` images, every
+10 seconds and on any interruption, so little computed is lost and a re-run resumes where it stopped.
+Processes extracting into one cache claim the images they compute, so each is computed about once.
 
 :func:`extract_views` does the same for several *views* of each image in one decoding pass: the clean
 view and K augmented views (an augmented feature cache). Each view has its own cache key (augmentation
@@ -12,6 +13,7 @@ config + view index); the views themselves are defined in :mod:`headstart.views`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 from ._validation import check_batch_size, check_num_workers
 from .backbones import Backbone
 from .cache import FeatureCache, Locations, model_key
+from .cache.index import new_owner
 from .cache.pending import FLUSH_BYTES, PendingRows
 from .data import BadFile, decode_bytes, draft_description
 from .data.decode import max_pixels
@@ -38,6 +41,8 @@ from .preprocess import autocast, decoder_id, preprocessing_signature, resolve_p
 from .views import AugmentedTransform, CleanTransform, View, ViewsOfFiles, augmented_views, clean_view, view_seed
 
 CUT_POOLED = "pooled"
+CLAIM_SECONDS = 60.0  # a claim on images not refreshed for this long is taken to be a dead process's
+CLAIM_POLL_SECONDS = 0.5  # how often a process waiting for another's images looks again
 
 __all__ = [  # the views are defined in .views and re-exported here, where callers have always found them
     "CUT_POOLED", "FLUSH_BYTES", "AugmentedTransform", "CleanTransform", "Cut", "Decoder", "FeatureResult", "View",
@@ -278,6 +283,9 @@ class _Job:
     dim: int = field(init=False)
     keys: list[str] = field(init=False)
     forward: Callable[[torch.Tensor], np.ndarray] | None = field(init=False, default=None)
+    owner: str = field(init=False, default_factory=new_owner)  # this job's claims
+    claim_key: str = field(init=False)
+    waited: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.dim = self.backbone.num_features if self.cut is None else self.cut.dim
@@ -289,6 +297,7 @@ class _Job:
                                               min_size=view.min_size, engine=self.engine)
             models.append((model_key(description), description, self.dim))
         self.keys = [key for key, _, _ in models]
+        self.claim_key = hashlib.sha256(" ".join(self.keys).encode()).hexdigest()[:32]
         self.cache.register_models(models)
 
 
@@ -321,10 +330,30 @@ def _fill(job: _Job, image_keys: list[str | None], bad: dict[int, str]) -> _Fill
             k = image_keys[i]
             if k is not None and i not in bad and k not in failures and k not in todo:
                 todo[k] = (i, np.flatnonzero(~located.found[:, i]).tolist())
-        if not todo:
-            return _Filled(located, n_cached, n_computed, failures)
-        n_computed += _compute_todo(job, todo, image_keys, bad)
+        if not todo:  # rows another process computed meanwhile count as cached
+            return _Filled(located, max(n_cached, int(located.found.sum()) - n_computed), n_computed, failures)
+        mine = _claim(job, todo)
+        if mine:
+            n_computed += _compute_todo(job, mine, image_keys, bad)
+        else:  # another process is computing all of them: look again soon
+            time.sleep(CLAIM_POLL_SECONDS)
         located = job.cache.locate_verified(job.keys, image_keys, job.dim)
+
+
+def _claim(job: _Job, todo: dict[str, tuple[int, list[int]]]) -> dict[str, tuple[int, list[int]]]:
+    """The part of ``todo`` this process claims: the images no other live process is computing and none
+    has stored since ``todo`` was made (so processes extracting the same images into one cache compute
+    each about once)."""
+    claimed = job.cache.claim(job.claim_key, list(todo), job.owner, CLAIM_SECONDS)
+    stored = job.cache.locate(job.keys, claimed).found.all(axis=0)  # released by a writer meanwhile
+    mine = {k: todo[k] for k, done in zip(claimed, stored.tolist()) if not done}
+    if len(mine) < len(claimed):
+        job.cache.release(job.owner, [k for k in claimed if k not in mine])
+    if len(claimed) < len(todo) and job.progress and not job.waited:
+        job.waited = True
+        print(f"{job.desc}: {len(todo) - len(claimed)} images are being computed by another process on this cache; "
+              "waiting for them", file=sys.stderr, flush=True)
+    return mine
 
 
 def _compute_todo(job: _Job, todo: dict[str, tuple[int, list[int]]], image_keys: list[str | None],
@@ -364,7 +393,7 @@ def _compute_missing(job: _Job, todo: dict[str, tuple[int, list[int]]]) -> _Outc
     order = list(todo.items())  # (expected image key, (path index, missing views))
     loader = _loader(job, order)
     job.forward = _forward_function(job)
-    pending = PendingRows(job.cache, job.decoder.name, job.dim * job.cache.dtype.itemsize)
+    pending = PendingRows(job.cache, job.decoder.name, job.dim * job.cache.dtype.itemsize, job.owner)
     outcome = _Outcome()
     bar = tqdm(total=len(order), desc=job.desc, unit="img", file=sys.stderr, disable=not job.progress, leave=False)
     try:
@@ -376,6 +405,7 @@ def _compute_missing(job: _Job, todo: dict[str, tuple[int, list[int]]]) -> _Outc
                 pending.flush()
     finally:
         pending.flush()
+        job.cache.release(job.owner)  # what is left (failed images) is free for others to try
         bar.close()
     return outcome
 

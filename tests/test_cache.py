@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from headstart.cache import FeatureCache, Locations, MissingShardError
+from headstart.cache import CacheWarning, FeatureCache, Locations, MissingShardError
 
 DIM = 8
 
@@ -80,7 +80,8 @@ def test_a_vanished_shard_is_noticed_through_the_memo(filled):
     gone = located.shards[located.index[0, 5]]
     (cache.root / "shards" / gone).unlink()
     assert cache.locate(["a"], images).found.all()  # plain locate answers from the memo, without the disk
-    verified = cache.locate_verified(["a"], images, DIM)  # noticed although this process had it mapped
+    with pytest.warns(CacheWarning, match=f"{gone}.*missing"):  # noticed although this process had it mapped
+        verified = cache.locate_verified(["a"], images, DIM)
     assert verified.found.tolist() == [[True] * 4 + [False] * 2]
     assert cache.locate(["a"], images).found.tolist() == [[True] * 4 + [False] * 2]  # memo and index forgot it
     again = cache.locate_verified(["a"], images, DIM)  # what is left is intact: nothing more is forgotten
@@ -95,7 +96,8 @@ def test_a_replaced_or_damaged_shard_is_forgotten_before_reading(filled):
     shard = cache.root / "shards" / located.shards[located.index[0, 0]]
     np.save(shard.with_suffix(".tmp.npy"), np.zeros((2, DIM), np.float16))  # too short for its six rows
     shard.with_suffix(".tmp.npy").replace(shard)
-    verified = cache.locate_verified(["b"], images, DIM)
+    with pytest.warns(CacheWarning, match=f"{shard.name}.*bytes"):
+        verified = cache.locate_verified(["b"], images, DIM)
     assert not verified.found.any() and not cache.locate(["b"], images).found.any()
     assert cache.locate_verified(["a"], images, DIM).found.all()  # other shards are untouched
 
@@ -106,7 +108,7 @@ def test_another_process_reading_a_vanished_shard(filled):
     located = cache.locate(["a"], images)
     (cache.root / "shards" / located.shards[located.index[0, 0]]).unlink()
     with FeatureCache(cache.root, memos={}) as other:  # what a new process would see
-        with pytest.raises(MissingShardError):
+        with pytest.raises(MissingShardError), pytest.warns(CacheWarning, match="missing"):
             other.read_locations(other.locate(["a"], images), DIM)
         assert other.locate(["a"], images).found.tolist() == [[False] * 4 + [True] * 2]
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_image, make_tree, truncated_jpeg
 
 from headstart.backbones import create_backbone
-from headstart.cache import FeatureCache
+from headstart.cache import CacheWarning, FeatureCache
 from headstart.data import decode_bytes
 from headstart.features import Decoder, clean_view, extract_features, extract_views
 from headstart.preprocess import decoder_id
@@ -210,7 +210,8 @@ def test_missing_shard_is_recomputed(tree, backbone, cache):
     first = _extract(backbone, _paths(tree), cache)
     for shard in (cache.root / "shards").rglob("*.npy"):
         shard.unlink()
-    again = _extract(backbone, _paths(tree), cache)
+    with pytest.warns(CacheWarning, match="missing"):
+        again = _extract(backbone, _paths(tree), cache)
     assert again.ok.all() and again.n_computed == 12
     np.testing.assert_array_equal(first.features, again.features)
 

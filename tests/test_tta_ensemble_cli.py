@@ -11,6 +11,7 @@ from conftest import make_tree
 
 import headstart
 from headstart import training
+from headstart.cache import CacheWarning
 from headstart.errors import RunError
 from headstart.runs import EnsembleRun, load_run
 
@@ -46,7 +47,8 @@ def test_evaluate_recomputes_crop_features_whose_shard_vanished(single, tree, tm
     first = headstart.evaluate(single, tree, tta="flip", **kw)
     for shard in (tmp_path / "c" / "shards").rglob("*.npy"):
         shard.unlink()
-    again = headstart.evaluate(single, tree, tta="flip", **kw)
+    with pytest.warns(CacheWarning, match="missing"):
+        again = headstart.evaluate(single, tree, tta="flip", **kw)
     assert again["accuracy"] == first["accuracy"] and again["n_images"] == first["n_images"]
     with headstart.FeatureCache(tmp_path / "c") as cache:
         assert cache.stats()["bytes"] > 0  # the features were computed and cached again

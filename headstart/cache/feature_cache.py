@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,10 @@ import platformdirs
 import torch
 
 from .index import Index
+from .integrity import CacheWarning, sidecar_path
 from .locations import LocationMemo, Locations
+from .overlay import LayeredIndex, writable
+from .recovery import INDEX, open_index
 from .shards import MissingShardError, ShardStore, gather
 
 CACHE_ENV = "HEADSTART_CACHE_DIR"
@@ -25,6 +32,17 @@ def default_cache_dir() -> Path:
     """``$HEADSTART_CACHE_DIR`` if set, else the per-user cache folder (e.g. ``~/.cache/headstart``)."""
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path(platformdirs.user_cache_dir("headstart"))
+
+
+def _make_folder(root: Path) -> None:
+    """Create the cache folder; one that cannot be made is an error naming it and the fix."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..errors import UsageError
+
+        raise UsageError(f"cannot create the cache folder {root} ({exc.strerror or exc}); pass --cache-dir "
+                         f"(or set ${CACHE_ENV}) to a folder you can write to") from None
 
 
 def model_key(description: dict[str, Any]) -> str:
@@ -47,6 +65,8 @@ class FolderMemo:
         self.shard_ids: dict[str, int] = {}
         self.located: dict[tuple[str, ...], LocationMemo] = {}
         self.open_caches = 0  # FeatureCache objects open on this folder; the maps are let go at 0
+        self.verified: dict[str, tuple[int, int, int]] = {}  # shards whose checksum held, by file stamp
+        self.index_checked = False  # the index passed SQLite's check (or was rebuilt) in this process
 
     def shard_id(self, shard: str) -> int:
         sid = self.shard_ids.get(shard)
@@ -69,23 +89,48 @@ class FeatureCache:
             one registry for the process, so every cache on a folder shares it. ``{}`` starts cold, as
             a new process would.
 
+    A folder this process may not write to is read as it is, with one warning; rows it lacks are kept
+    in a temporary overlay for as long as the cache is open (:mod:`.overlay`). An unreadable index is
+    moved aside and rebuilt from the shards (:mod:`.recovery`); a damaged shard is dropped, with one
+    warning naming it, and its rows are recomputed.
+
     Attributes:
-        index: the SQLite :class:`~headstart.cache.index.Index`.
+        index: the SQLite :class:`~headstart.cache.index.Index` (a :class:`~.overlay.LayeredIndex` when
+            the folder is read-only).
+        read_only: whether the folder is read-only for this process.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, dtype: str = "float16", *,
                  memos: dict[str, FolderMemo] | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
-        self.root.mkdir(parents=True, exist_ok=True)
+        _make_folder(self.root)
         self.dtype = np.dtype(dtype)
-        self.index = Index(self.root / "index.sqlite")
-        self._db = self.index.db
         self._memos = _MEMOS if memos is None else memos
         self._memo_key = str(self.root.resolve())
         self._memo = self._memos.setdefault(self._memo_key, FolderMemo())
+        self._store = ShardStore(self.root / "shards", self._memo.maps, self._memo.verified)
+        self._overlay: Path | None = None
+        self.read_only = not writable(self.root)
+        if self.read_only:
+            self.index: Index | LayeredIndex
+            self.index, self._overlay = self._open_overlay()
+            self._write_store = ShardStore(self._overlay / "shards", self._memo.maps, self._memo.verified,
+                                           names_from=self._overlay / "shards")
+        else:
+            self.index = open_index(self.root, check=not self._memo.index_checked)
+            self._memo.index_checked = True
+            self._write_store = self._store
+        self._db = self.index.db if isinstance(self.index, Index) else None
         self._memo.open_caches += 1
-        self._store = ShardStore(self.root / "shards", self._memo.maps)
         self._closed = False
+
+    def _open_overlay(self) -> tuple[LayeredIndex, Path]:
+        warnings.warn(f"cache folder {self.root} is read-only: its features are used as they are, and the rows "
+                      "it lacks are computed into a temporary folder and not kept (make it writable or use "
+                      "--cache-dir to keep them)", CacheWarning, stacklevel=3)
+        overlay = Path(tempfile.mkdtemp(prefix="headstart-overlay-"))
+        base = Index(self.root / INDEX, read_only=True) if (self.root / INDEX).exists() else None
+        return LayeredIndex(base, Index(overlay / INDEX)), overlay
 
     def close(self) -> None:
         """Close the index. The folder's location memo outlives this object (the next FeatureCache on the
@@ -94,6 +139,10 @@ class FeatureCache:
         if self._closed:
             return
         self._closed = True
+        if self._overlay is not None:
+            self._memo.maps.clear()
+            self._memo.located.clear()  # locations in the overlay die with it
+            shutil.rmtree(self._overlay, ignore_errors=True)
         self._memo.open_caches -= 1
         if self._memo.open_caches <= 0:
             self._memo.maps.clear()
@@ -147,12 +196,16 @@ class FeatureCache:
         """Record (key, description, dim) of models not yet known, in one transaction (none if all known)."""
         self.index.register_models(models, self.dtype.name)
 
-    def write(self, key: str | Sequence[str], images: Sequence[str], rows: np.ndarray) -> None:
-        """Store ``rows[i]`` as the feature of ``images[i]``: one new shard, then one index transaction.
+    def write(self, key: str | Sequence[str], images: Sequence[str], rows: np.ndarray,
+              release: str | None = None) -> None:
+        """Store ``rows[i]`` as the feature of ``images[i]``: one new shard and its sidecar, then one index
+        transaction. Rows the index already holds (another process was first) keep their old location;
+        a shard none of whose rows were needed is deleted.
 
         Args:
             key: the model key of every row, or one per row (e.g. all views of a batch of images in
                 one shard, image by image, so that reading them back is one slice).
+            release: drop this owner's claims on ``images`` in the same transaction (see :meth:`claim`).
         """
         if len(images) == 0:
             return
@@ -161,14 +214,52 @@ class FeatureCache:
         keys = [key] * len(images) if isinstance(key, str) else list(key)
         if len(keys) != len(images):
             raise ValueError(f"{len(keys)} model keys for {len(images)} feature rows")
-        shard = self._store.write(keys[0][:24], rows, self.dtype)  # durable before the index points at it
-        self.index.add_shard(shard, keys, images)
+        models = self.index.descriptions(list(dict.fromkeys(keys)))
+        shard = self._write_store.write(keys[0][:24], rows, self.dtype, keys, images, models)  # durable first
+        if self.index.add_shard(shard, keys, images, release) == 0:  # another process stored them all first
+            self._remove_files(shard)
 
-    def _forget_shard(self, shard: str) -> None:
-        """Drop the index rows of a shard that is gone or unreadable, so its images are recomputed."""
+    # ------------------------------------------------------------------------------------ sharing the work
+
+    def claim(self, job: str, images: Sequence[str], owner: str, ttl: float) -> list[str]:
+        """Claim the computing of ``images`` for ``job`` (e.g. a tuple of model keys) as ``owner``: the
+        images no other owner claimed in the last ``ttl`` seconds. Processes extracting the same images
+        into one folder so compute each about once; a claim dies with its owner after ``ttl``."""
+        return self.index.claim(job, images, owner, ttl)
+
+    def heartbeat(self, owner: str) -> None:
+        """Refresh ``owner``'s claims (it is still working on them)."""
+        self.index.heartbeat(owner)
+
+    def release(self, owner: str, images: Sequence[str] | None = None) -> None:
+        """Drop ``owner``'s claims on ``images`` (default: all its claims)."""
+        self.index.release(owner, images)
+
+    def _remove_files(self, shard: str) -> None:
+        self._memo.verified.pop(shard, None)
+        path = self._store.path(shard)
+        for file in (path, sidecar_path(path)):
+            with contextlib.suppress(OSError):
+                file.unlink()
+
+    def shard_path(self, shard: str) -> Path:
+        """The file of a shard named in the index."""
+        return self._store.path(shard)
+
+    def drop_shard(self, shard: str) -> None:
+        """Forget a shard's rows (so its images are recomputed) and delete what is left of its files (unless
+        the folder is read-only)."""
         self._memo.maps.pop(shard, None)
         self._memo.located.clear()
         self.index.drop_shard(shard)
+        if not self.read_only:
+            self._remove_files(shard)
+
+    def _forget_shard(self, shard: str, reason: str = "it is missing or unreadable") -> None:
+        """:meth:`drop_shard` for a shard found gone, unreadable or damaged, with one warning naming it."""
+        self.drop_shard(shard)
+        warnings.warn(f"feature shard {self._store.path(shard)} cannot be used: {reason}; its rows are dropped "
+                      "and will be computed again", CacheWarning, stacklevel=4)
 
     # ------------------------------------------------------------------------------------ locating
 
@@ -238,8 +329,9 @@ class FeatureCache:
         intact = True
         for sid in np.unique(ids).tolist():
             shard = locations.shards[sid]
-            if not self._store.holds(shard, dim, int(needed[sid])):
-                self._forget_shard(shard)
+            fault = self._store.fault(shard, dim, int(needed[sid]))
+            if fault is not None:
+                self._forget_shard(shard, fault)
                 intact = False
         return intact
 
@@ -263,7 +355,7 @@ class FeatureCache:
         try:
             yield from self._store.iter_rows(locations, dim, max_rows)
         except MissingShardError as exc:
-            self._forget_shard(exc.shard)
+            self._forget_shard(exc.shard, exc.reason)
             raise
 
     def read_locations(self, locations: Locations, dim: int) -> np.ndarray:

@@ -11,10 +11,15 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import sqlite3
+import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from .._io import disk_full
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS file_hashes (
@@ -25,6 +30,8 @@ CREATE TABLE IF NOT EXISTS features (
 CREATE INDEX IF NOT EXISTS features_by_shard ON features (shard);
 CREATE TABLE IF NOT EXISTS decode_failures (image TEXT, decoder TEXT, reason TEXT, PRIMARY KEY (image, decoder));
 CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS claims (
+    job TEXT, image TEXT, owner TEXT, time REAL, PRIMARY KEY (job, image));
 """
 _CHUNK = 400  # SQLite host parameters per query (plus the model keys)
 _HASH_ROW = "INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?)"
@@ -62,10 +69,39 @@ def _read_error(exc: OSError) -> str:
     return "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc.strerror or exc})"
 
 
-class Index:
-    """One connection to ``index.sqlite`` in a cache folder (created with its tables if missing)."""
+def new_owner() -> str:
+    """A claim owner's name: host, process id and a random part (one per extraction)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
-    def __init__(self, path: Path) -> None:
+
+def owner_alive(owner: str) -> bool:
+    """False for an owner on this host whose process is gone (killed: its claims need not wait to expire)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+class Index:
+    """One connection to ``index.sqlite`` in a cache folder (created with its tables if missing).
+
+    With ``read_only`` the file is opened as immutable (no locks, no journal: a folder this process may
+    not write to) and every write is skipped.
+    """
+
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        if read_only:
+            self.db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True, isolation_level=None)
+            return
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # the index is small; never let it outrun the shards
@@ -74,16 +110,31 @@ class Index:
     def close(self) -> None:
         self.db.close()
 
+    def check(self) -> None:
+        """Raise ``sqlite3.DatabaseError`` unless SQLite finds the file sound (a quick structural check)."""
+        result = self.db.execute("PRAGMA quick_check(1)").fetchone()
+        if result is None or result[0] != "ok":
+            raise sqlite3.DatabaseError(result[0] if result else "no answer from quick_check")
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write: every statement inside commits together or not at all."""
+        """One atomic write: every statement inside commits together or not at all. A full disk becomes
+        :class:`~headstart.errors.DiskFullError` naming the folder."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
-        except BaseException:
+        except BaseException as exc:
             self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise disk_full(self.path, exc) from exc
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                self.db.execute("ROLLBACK")
+                raise disk_full(self.path, exc) from exc
+            raise
 
     def _select_in(self, sql: str, fixed: tuple[Any, ...], values: Sequence[str]) -> Iterator[tuple[Any, ...]]:
         unique = list(dict.fromkeys(values))
@@ -119,7 +170,7 @@ class Index:
                 continue
             keys.append(digest)
             fresh.append((_db_text(real), *stamp, digest))
-        if fresh:
+        if fresh and not self.read_only:
             with self._transaction() as db:
                 db.executemany(_HASH_ROW, fresh)
         return keys, errors
@@ -127,6 +178,8 @@ class Index:
     def remember_hash(self, path: str | os.PathLike[str], digest: str) -> None:
         """Record that ``path`` (as it is now on disk) holds content ``digest``."""
         real = _memo_path(path, os.getcwd())
+        if self.read_only:
+            return
         try:
             st = os.stat(real)
         except OSError:
@@ -141,6 +194,8 @@ class Index:
         return json.loads(row[0]) if row else None
 
     def put_memo(self, key: str, value: dict[str, Any]) -> None:
+        if self.read_only:
+            return
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
@@ -152,7 +207,7 @@ class Index:
             "SELECT image, reason FROM decode_failures WHERE decoder = ? AND image IN ({marks})", (decoder,), images)}
 
     def record_failures(self, failures: dict[str, str], decoder: str) -> None:
-        if failures:
+        if failures and not self.read_only:
             with self._transaction() as db:
                 db.executemany("INSERT OR REPLACE INTO decode_failures VALUES (?, ?, ?)",
                                [(img, decoder, reason) for img, reason in failures.items()])
@@ -164,9 +219,14 @@ class Index:
         known = {k for (k,) in self._select_in("SELECT model_key FROM models WHERE model_key IN ({marks})", (),
                                                [m[0] for m in models])}
         new = [(k, json.dumps(d, sort_keys=True), dim, dtype) for k, d, dim in models if k not in known]
-        if new:
+        if new and not self.read_only:
             with self._transaction() as db:
                 db.executemany("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?)", new)
+
+    def descriptions(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The JSON description of each known model key (what a shard's sidecar records)."""
+        return {k: json.loads(d) for k, d in self._select_in(
+            "SELECT model_key, description FROM models WHERE model_key IN ({marks})", (), keys)}
 
     def lookup(self, keys: Sequence[str], images: Sequence[str]) -> list[dict[str, tuple[str, int]]]:
         """For each model key, ``{image: (shard, row)}`` of the cached ``images``, in one pass over the index."""
@@ -180,16 +240,76 @@ class Index:
             found[key][image] = (shard, row)
         return [found[k] for k in keys]
 
-    def add_shard(self, shard: str, keys: Sequence[str], images: Sequence[str]) -> None:
-        """Point ``(keys[r], images[r])`` at row ``r`` of ``shard`` (which must already be durable)."""
+    def add_shard(self, shard: str, keys: Sequence[str], images: Sequence[str], release: str | None = None) -> int:
+        """Point ``(keys[r], images[r])`` at row ``r`` of ``shard`` (which must already be durable) where the
+        index has no row for that pair yet (a location, once given, never changes), and drop the claims
+        of ``release`` on these images, in one transaction. Returns the rows added (0: the shard is
+        redundant, as another process computed the same rows first)."""
         with self._transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO features VALUES (?, ?, ?, ?)",
                            [(k, image, shard, r) for r, (k, image) in enumerate(zip(keys, images))])
+            added = db.total_changes - before
+            if release is not None:
+                db.executemany("DELETE FROM claims WHERE owner = ? AND image = ?",
+                               [(release, image) for image in dict.fromkeys(images)])
+        return added
+
+    def add_rows(self, rows: Sequence[tuple[str, str, str, int]], models: dict[str, tuple[str, int, str]]) -> int:
+        """Insert ``(model key, image, shard, row)`` rows and ``{key: (description JSON, dim, dtype)}`` models
+        where missing (rebuilding the index from the shards); returns the rows added."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?)",
+                           [(k, *m) for k, m in models.items()])
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO features VALUES (?, ?, ?, ?)", rows)
+            return db.total_changes - before
 
     def drop_shard(self, shard: str) -> None:
         """Forget every row of ``shard``."""
+        if self.read_only:
+            return
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE shard = ?", (shard,))
+
+    # ------------------------------------------------------------------------------------ claims
+
+    def claim(self, job: str, images: Sequence[str], owner: str, ttl: float) -> list[str]:
+        """Claim ``images`` of ``job`` for ``owner``, except those another owner claimed less than ``ttl``
+        seconds ago (a claim is refreshed by :meth:`heartbeat`) and whose process is alive; the images
+        claimed, in one transaction."""
+        if self.read_only:
+            return list(images)
+        with self._transaction() as db:
+            now = time.time()
+            db.execute("DELETE FROM claims WHERE job = ? AND time < ?", (job, now - ttl))
+            taken = {image for image, other in self._select_in(
+                "SELECT image, owner FROM claims WHERE job = ? AND owner != ? AND image IN ({marks})", (job, owner),
+                images) if owner_alive(other)}
+            mine = [image for image in dict.fromkeys(images) if image not in taken]
+            db.executemany("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
+                           [(job, image, owner, now) for image in mine])
+        return mine
+
+    def heartbeat(self, owner: str) -> None:
+        """Keep ``owner``'s claims alive."""
+        if not self.read_only:
+            with self._transaction() as db:
+                db.execute("UPDATE claims SET time = ? WHERE owner = ?", (time.time(), owner))
+
+    def release(self, owner: str, images: Sequence[str] | None = None) -> None:
+        """Drop ``owner``'s claims on ``images``, or all of them (its work is done, or it stopped)."""
+        if self.read_only:
+            return
+        with self._transaction() as db:
+            if images is None:
+                db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+            else:
+                db.executemany("DELETE FROM claims WHERE owner = ? AND image = ?", [(owner, i) for i in images])
+
+    def shards(self) -> dict[str, int]:
+        """Every shard the index points at, with its number of rows."""
+        return dict(self.db.execute("SELECT shard, COUNT(*) FROM features GROUP BY shard"))
 
     def counts(self) -> tuple[int, int]:
         """(feature rows, models) in the index."""

@@ -6,24 +6,27 @@ import errno
 import itertools
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .._io import atomic_write
+from .integrity import HashingWriter, damage, stamp, write_sidecar
 from .locations import Locations
 
 _NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
 class MissingShardError(OSError):
-    """The index points at a shard file that is gone or unreadable (its rows were dropped)."""
+    """The index points at a shard file that is gone, unreadable or damaged (its rows were dropped)."""
 
-    def __init__(self, shard: str) -> None:
-        super().__init__(f"feature shard '{shard}' is missing or unreadable")
+    def __init__(self, shard: str, reason: str = "it is missing or unreadable") -> None:
+        super().__init__(f"feature shard '{shard}': {reason}")
         self.shard = shard
+        self.reason = reason
 
 
 def _open_maps_limit() -> int:
@@ -49,30 +52,68 @@ def _as_index(index: np.ndarray) -> slice | np.ndarray:
 
 class ShardStore:
     """The shards under ``folder`` and this process's read-only memory maps of them (``maps``, shared by
-    every cache open on the folder; at most ``_OPEN_MAPS`` at a time, torch never writes to them)."""
+    every cache open on the folder; at most ``_OPEN_MAPS`` at a time, torch never writes to them).
 
-    def __init__(self, folder: Path, maps: dict[str, torch.Tensor]) -> None:
+    Every shard's checksum is checked the first time this process maps it (``verified`` remembers the
+    file's size, mtime and inode afterwards, so a file replaced later is checked again).
+    """
+
+    def __init__(self, folder: Path, maps: dict[str, torch.Tensor], verified: dict[str, tuple[int, int, int]],
+                 names_from: Path | None = None) -> None:
         self.folder = folder
         self.maps = maps
+        self.verified = verified
+        self.names_from = names_from  # write new shards here, named by absolute path (a read-only cache's overlay)
 
-    def write(self, prefix: str, rows: np.ndarray, dtype: np.dtype) -> str:
-        """A new shard ``<prefix>/<random>.npy`` holding ``rows`` in ``dtype``, durable on return; its name."""
+    def path(self, shard: str) -> Path:
+        return self.folder / shard  # an absolute name (an overlay's shard) stays itself
+
+    def write(self, prefix: str, rows: np.ndarray, dtype: np.dtype, keys: Sequence[str], images: Sequence[str],
+              models: dict[str, Any]) -> str:
+        """A new shard ``<prefix>/<random>.npy`` holding ``rows`` in ``dtype``, and its sidecar (checksum and
+        the keys of each row), both durable on return; its name."""
         shard = f"{prefix}/{uuid.uuid4().hex}.npy"
-        atomic_write(self.folder / shard, lambda handle: np.save(handle, np.ascontiguousarray(rows, dtype=dtype)))
+        if self.names_from is not None:
+            shard = str(self.names_from / shard)
+        hashed: list[HashingWriter] = []
+
+        def save(handle: Any) -> None:
+            hashed.append(HashingWriter(handle))
+            np.save(hashed[0], np.ascontiguousarray(rows, dtype=dtype))
+
+        path = self.path(shard)
+        atomic_write(path, save)
+        write_sidecar(path, hashed[0], keys, images, rows.shape[1], np.dtype(dtype).name, models)
+        self.verified[shard] = stamp(path)
         return shard
+
+    def _check(self, shard: str) -> None:
+        """Raise :class:`MissingShardError` if the shard's bytes are not those its sidecar describes
+        (checked once per process while the file stays the same)."""
+        path = self.path(shard)
+        try:
+            now = stamp(path)
+        except OSError:
+            raise MissingShardError(shard) from None
+        if self.verified.get(shard) == now:
+            return
+        reason = damage(path)
+        if reason is not None:
+            raise MissingShardError(shard, reason)
+        self.verified[shard] = now
 
     def _load(self, shard: str) -> np.ndarray:
         """Memory-map a shard. Running out of file descriptors or memory is not the shard's fault: the
         maps are let go and it is tried once more, and if that fails too the error is raised as it is
         (only a shard that is really missing or damaged counts as missing)."""
         try:
-            return np.load(self.folder / shard, mmap_mode="r")
+            return np.load(self.path(shard), mmap_mode="r")
         except OSError as exc:
             if exc.errno not in _NO_RESOURCES:
                 raise
             self.maps.clear()
         try:
-            return np.load(self.folder / shard, mmap_mode="r")
+            return np.load(self.path(shard), mmap_mode="r")
         except OSError as exc:
             if exc.errno in _NO_RESOURCES:
                 raise RuntimeError(f"cannot open feature shard '{shard}': {exc.strerror}; raise the limit of "
@@ -87,12 +128,15 @@ class ShardStore:
         """
         tensor = self.maps.get(shard)
         if tensor is None:
+            self._check(shard)
             try:
                 array = self._load(shard)
                 if array.ndim != 2 or array.shape[1] != dim:
                     raise ValueError(f"shape {array.shape}")
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
                 self.maps.pop(shard, None)
+                if isinstance(exc, ValueError):
+                    raise MissingShardError(shard, f"its rows are not {dim} wide") from None
                 raise MissingShardError(shard) from None
             with warnings.catch_warnings():  # torch warns that the array is read-only; we only ever read it
                 warnings.simplefilter("ignore", UserWarning)
@@ -102,15 +146,16 @@ class ShardStore:
             self.maps[shard] = tensor
         return tensor
 
-    def holds(self, shard: str, dim: int, n_rows: int) -> bool:
-        """Whether the shard is on disk (even if mapped: a deleted file is not trusted), readable, and
-        has at least ``n_rows`` rows of ``dim``. It is left mapped when it is."""
-        if shard in self.maps and not (self.folder / shard).exists():
+    def fault(self, shard: str, dim: int, n_rows: int) -> str | None:
+        """Why the shard cannot serve ``n_rows`` rows of ``dim`` (gone, even if still mapped here; damaged;
+        too short), or None if it can. It is left mapped when it can."""
+        if shard in self.maps and not self.path(shard).exists():
             self.maps.pop(shard)  # deleted, though still readable through our map: forget it anyway
         try:
-            return len(self.array(shard, dim)) >= n_rows
-        except MissingShardError:
-            return False
+            n = len(self.array(shard, dim))
+        except MissingShardError as exc:
+            return exc.reason
+        return None if n >= n_rows else f"it has {n} rows, the index expects at least {n_rows}"
 
     def iter_rows(self, locations: Locations, dim: int, max_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """See :meth:`~headstart.cache.FeatureCache.iter_rows`."""
