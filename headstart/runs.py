@@ -3,7 +3,8 @@
 ::
 
     RUN_DIR/
-      run.json               class names, backbone + weights digest, preprocessing, config, data summary
+      run.json               class names (the head's, in its order), backbone + weights digest, preprocessing,
+                             config, data summary, and ``artifacts``: the sha256 and size of every other file
       head.safetensors       head tensors (no pickle)
       head.safetensors.json  head type, parameters, classes
       metrics.json           validation / cross-validation metrics
@@ -19,6 +20,12 @@ Both kinds are written by one writer: each file it writes goes through
 :func:`~headstart.cache.atomic_write_bytes` (fsync) into a folder with a temporary name (an ensemble's
 members are moved or copied in), which is then renamed into place, so a crash never leaves a
 half-written run where a complete one was expected.
+
+Loading checks once that the parts agree (:mod:`headstart.artifacts`): the recorded files exist with
+their recorded digests (an ensemble records its members' ``run.json``), the head predicts ``run.json``'s
+classes in the same order on the backbone's features, and its tensors fit its settings. A run that
+disagrees is refused with one :class:`~headstart.errors.RunError` line naming the file; a run written
+before digests loads with a warning that it cannot be verified.
 """
 
 from __future__ import annotations

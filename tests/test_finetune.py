@@ -122,6 +122,7 @@ def test_finetuned_run_is_evaluated_like_a_head_only_run(tree, tmp_path):
                           augment="light", aug_views=1, **kw)
     assert run.info["backbone"]["freeze"] == 7 and (tmp_path / "run" / "backbone.safetensors").is_file()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert {"backbone.safetensors", "metrics.jsonl", "head.safetensors"} <= set(run.info["artifacts"])
     result = headstart.evaluate(tmp_path / "run", tree, cache_dir=tmp_path / "c", progress=False)
     assert result["n_images"] == 12
     preds = headstart.predict(tmp_path / "run", [tree / "red"], cache_dir=tmp_path / "c2", progress=False)
