@@ -55,6 +55,7 @@ figure img { display: block; margin: 0 auto 6px; max-width: 128px; max-height: 1
 figure .missing { height: 96px; display: flex; align-items: center; justify-content: center; color: #59636e; }
 figcaption { overflow-wrap: anywhere; }
 .wrong { color: #cf222e; } .right { color: #1a7f37; } .name { color: #59636e; font-size: 12px; }
+.warn { color: #9a6700; background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 8px 12px; }
 """
 
 
@@ -305,6 +306,15 @@ def _mistakes(proba: np.ndarray, y: np.ndarray, names: Sequence[str], paths: Seq
             f'probabilities.</p><div class="gallery">{"".join(cards)}</div>')
 
 
+def _leakage(pairs: Sequence[Sequence[str]], limit: int = 50) -> str:
+    """The byte-identical (train, val) pairs: validation figures of the run are optimistic."""
+    note = (f"<p class=\"warn\">{len(pairs)} validation image(s) are byte-identical copies of training images: "
+            "the run's validation figures count them and are optimistic. Remove the copies from one side.</p>")
+    rows = [[a, b] for a, b in list(pairs)[:limit]]
+    more = f"<p>... and {len(pairs) - limit} more (run.json lists them all).</p>" if len(pairs) > limit else ""
+    return note + _table(["training file", "validation file"], rows) + more
+
+
 def _ablation(rows: Sequence[dict[str, Any]]) -> str:
     header: list[str] = []
     for row in rows:
@@ -342,6 +352,7 @@ def write_report(
     curves: list[dict[str, Any]] | None = None,
     ablation: list[dict[str, Any]] | None = None,
     selection: list[dict[str, Any]] | None = None,
+    leakage: Sequence[Sequence[str]] | None = None,
     top_k: int = 5,
     n_mistakes: int = 24,
 ) -> Path:
@@ -360,6 +371,8 @@ def write_report(
         ablation: rows such as ``{"setting": "+TTA", "accuracy": 0.97, "ms_per_image": 12.3}``.
         selection: per model, the run's head selection (``run.metrics["selection"]``, plus an optional
             ``"member"`` name): the chosen setting and the leaderboard.
+        leakage: (training file, validation file) pairs with the same bytes in the run's given splits;
+            shown first, as a warning, when there are any.
         top_k: ``k`` of the top-k accuracy shown.
         n_mistakes: how many of the most confident wrong predictions the gallery shows.
 
@@ -376,6 +389,9 @@ def write_report(
                          f"({len(names)}, {len(names)}) for {len(names)} classes")
     parts = [f"<h1>{_e(title)}</h1>", _meta(metrics, top), *_sections(metrics, matrix, proba, y, names, top),
              _section("mistakes", "Most confident mistakes", _mistakes(proba, y, names, image_paths, n_mistakes))]
+    if leakage:
+        parts.insert(2, _section("leakage", "Warning: the same images in training and validation",
+                                 _leakage(leakage)))
     if curves:
         parts.insert(-1, _section("curves", "Training curves", _img(_curves_plot(curves), "training curves")))
     if selection:

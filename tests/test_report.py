@@ -203,3 +203,13 @@ def test_page_renders_in_a_headless_browser(tmp_path):
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # text, plots and thumbnails, not a blank page
     assert (image < 100).all(axis=2).mean() > 0.002  # some dark pixels: text was drawn
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_leaked_pairs_are_a_warning_at_the_top(tmp_path):
+    proba, y, names, paths = example(tmp_path)
+    pairs = [(paths[0], paths[1]), (f"train/{HOSTILE}.png", "val/copy.png")]
+    page = parse(report(tmp_path, proba, y, names, paths, leakage=pairs))
+    assert page.sections == ["leakage", "summary", "per-class", "confusion", "calibration", "mistakes"]
+    text = " ".join(page.text)
+    assert "2 validation image(s) are byte-identical copies of training images" in text
+    assert f"train/{HOSTILE}.png" in text and page.scripts == 0
