@@ -8,7 +8,9 @@ Integers are Python or NumPy integers, never booleans.
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ._constants import AUGMENT_PRESETS, HEAD_TYPES, PRECISIONS, TTA_AVERAGES, TTA_MODES
@@ -71,3 +73,27 @@ def check_folds(folds: Any, name: str = "folds") -> None:
     """A number of cross-validation folds: an integer >= 2."""
     if not (is_int(folds) and folds >= 2):
         raise UsageError(f"{name} must be an integer >= 2 (folds of cross-validation); got {folds!r}")
+
+
+def check_weights(weights: Any, name: str = "weights (--weights)") -> None:
+    """``default``, ``random`` or an existing weights file (a .safetensors or .pth state dict)."""
+    if isinstance(weights, str) and weights in ("default", "random"):
+        return
+    if not isinstance(weights, (str, os.PathLike)):
+        raise UsageError(f"{name} must be 'default', 'random' or the path of a weights file; got {weights!r}")
+    path = Path(weights)
+    if path.is_dir():
+        raise UsageError(f"{name} '{weights}' is a folder; give a .safetensors or .pth weights file, 'default' or "
+                         "'random'")
+    if not path.is_file():
+        raise UsageError(f"{name} '{weights}' is neither 'default', 'random' nor an existing file; give a "
+                         ".safetensors or .pth state dict")
+
+
+def check_out_outside_data(data: Any, out: Path, what: str = "run") -> None:
+    """Refuse an output folder inside the data folder: every later command would read it as a class."""
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        root, target = Path(data).resolve(), Path(out).resolve()
+        if target == root or root in target.parents:
+            raise UsageError(f"--out '{out}' is inside the data folder '{data}', where the {what} would be read as a "
+                             f"class by every later command; write the {what} outside the data folder")

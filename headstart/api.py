@@ -18,6 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from ._constants import ENGINES
+from ._validation import (
+    check_batch_size,
+    check_choice,
+    check_num_workers,
+    check_precision,
+    check_tta_average,
+    check_tta_mode,
+    check_weights,
+    is_int,
+)
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .cache import FeatureCache
 from .data import BadFile, ImageSet, list_image_paths, load_images
@@ -48,6 +59,9 @@ def extract(
 
     ``engine``: what runs the forward (``auto``, ``torch``, ``openvino``; :mod:`headstart.engines`).
     """
+    check_reading(batch_size, num_workers, None if isinstance(backbone, Backbone) else weights)
+    check_precision(precision, "precision (--precision)")
+    check_choice(engine, ENGINES, "engine (--engine)")
     loaded = load_images(data, val_split=0, min_classes=1)  # a train/ + val/ tree still yields both parts
     paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
     bad, computed, cached, seconds = [b.to_dict() for b in loaded.bad_files], 0, 0, 0.0
@@ -68,6 +82,17 @@ def extract(
             "precision": result.precision, "cache_dir": root}
 
 
+def check_reading(batch_size: Any, num_workers: Any, weights: Any = None, tta: str = "none",
+                  tta_average: str = "mean") -> None:
+    """The options every command that computes features shares, checked before any file is read."""
+    check_batch_size(batch_size, "batch_size (--batch-size)")
+    check_num_workers(num_workers, "num_workers (--workers)")
+    check_tta_mode(tta, "tta (--tta)")
+    check_tta_average(tta_average, "tta_average (--tta-average)")
+    if weights is not None:
+        check_weights(weights)
+
+
 def _images_for_evaluation(run: AnyRun, data: Any) -> tuple[Any, ImageSet, np.ndarray]:
     loaded = load_images(data, val_split=0, min_classes=1)
     images = loaded.val if loaded.val is not None else loaded.train
@@ -75,7 +100,7 @@ def _images_for_evaluation(run: AnyRun, data: Any) -> tuple[Any, ImageSet, np.nd
     unknown = sorted(set(images.class_names) - set(names))
     if unknown:
         raise DataError(f"'{data}' has class(es) {unknown} that run '{run.path}' was not trained on "
-                        f"(it knows {names})")
+                        f"(it knows {names}); evaluate on those classes only, or train a run that has them")
     remap = np.asarray([names.index(n) for n in images.class_names], dtype=np.int64)
     return loaded, images, remap[images.labels]
 
@@ -107,6 +132,7 @@ def evaluate(
         report: write a self-contained HTML report to this path.
     """
     start = time.perf_counter()
+    check_reading(batch_size, num_workers, weights, tta, tta_average)
     run = load_run(run_dir)
     loaded, images, y_all = _images_for_evaluation(run, data)
     names = run.class_names
@@ -116,7 +142,8 @@ def evaluate(
         y = y_all[probs.ok]
         if not len(y):
             examples = "; ".join(f"{b.path}: {b.reason}" for b in probs.bad_files[:3])
-            raise DataError(f"no usable image in '{data}' to evaluate ({len(images)} failed, e.g. {examples})")
+            raise DataError(f"no usable image in '{data}' to evaluate ({len(images)} failed, e.g. {examples}); "
+                            "fix or replace those files")
         out = classification_metrics(y, probs.proba, names)
         n_members = len(members_of(run))
         main_row = {"setting": _setting_name(tta, n_members), "tta": tta, "members": n_members,
@@ -204,8 +231,9 @@ def predict(
     Returns:
         ``{"predictions": [{"path", "label", "probability", "top_k": [[label, p], ...]}], "bad_files": [...]}``
     """
-    if top_k < 1:
-        raise UsageError(f"top_k must be >= 1; got {top_k}")
+    if not is_int(top_k) or top_k < 1:
+        raise UsageError(f"top_k (--top-k) must be a whole number >= 1 (classes listed per image); got {top_k!r}")
+    check_reading(batch_size, num_workers, weights, tta, tta_average)
     run = load_run(run_dir)
     paths, listing_bad = list_image_paths(inputs)
     with FeatureCache(cache_dir) as cache:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ._constants import DEFAULT_AUG_VIEWS  # noqa: F401  (also importable from here)
 from ._io import atomic_write_bytes
-from ._validation import check_preset
+from ._validation import check_positive_int, check_preset, check_seed
 from .cache import FeatureCache
 from .data import ImageDecodeError, decode_image, load_images
 from .errors import DataError, UsageError
@@ -46,7 +46,8 @@ def pca_stats_for(paths: Sequence[Path], cache: FeatureCache, *, seed: int = 0, 
     keys, _ = cache.image_keys(paths)
     known = sorted(k for k in keys if k is not None)
     if not known:
-        raise DataError("no readable image to fit PCA colour statistics on")
+        raise DataError("no readable image to fit PCA colour statistics on: none of the files could be read (see "
+                        "'headstart features DATA' for each file and why)")
     memo_key = "pca:" + hashlib.sha256(
         json.dumps([known, PCA_PIXELS_PER_IMAGE, seed]).encode()).hexdigest()
     cached = cache.get_memo(memo_key)
@@ -79,9 +80,18 @@ def build_training_pipeline(preset: str, size: Sequence[int], overrides: dict[st
     return pipeline
 
 
+def check_overrides(preset: str, overrides: dict[str, Any] | None, size: Sequence[int] = (224, 224)) -> None:
+    """Refuse bad ``--aug-param`` overrides of ``preset`` before any work (a pipeline is built at ``size``)."""
+    if preset != "none" and overrides:
+        from .transforms import build_pipeline
+
+        build_pipeline(preset, size=tuple(size), overrides=overrides)
+
+
 def pca_stats(data: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0,
               progress: bool = True) -> dict[str, Any]:
     """PCA colour statistics of every image in ``data`` (``headstart pca-stats``)."""
+    check_seed(seed, "seed (--seed)")
     loaded = load_images(data, val_split=0, min_classes=1)
     with FeatureCache(cache_dir) as cache:
         stats = pca_stats_for(loaded.train.paths, cache, seed=seed, progress=progress)
@@ -97,8 +107,13 @@ def preview(data: str | os.PathLike[str], out: str | os.PathLike[str], *, preset
     """Write a PNG grid of ``n`` images from ``data``: per image, the original and ``n_views`` augmented views."""
     from .transforms import preview_grid
 
-    if n < 1 or n_views < 1:
-        raise UsageError(f"n and views must be >= 1; got n={n}, views={n_views}")
+    for value, flag in ((n, "n (--n)"), (n_views, "views (--views)"), (size, "size (--size)")):
+        check_positive_int(value, flag)
+    check_seed(seed, "seed (--seed)")
+    if Path(out).suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, e.g. preview.png; got '{out}'")
+    check_preset(preset, "preset (--preset)")
+    check_overrides(preset, overrides, (size, size))
     loaded = load_images(data, val_split=0, min_classes=1)
     images = loaded.train
     rng = np.random.default_rng(seed)
@@ -119,11 +134,10 @@ def preview(data: str | os.PathLike[str], out: str | os.PathLike[str], *, preset
         except ImageDecodeError:
             continue
     if not decoded:
-        raise DataError(f"none of the chosen images in '{data}' could be decoded")
+        raise DataError(f"none of the {len(picks)} images chosen in '{data}' could be decoded; check them with "
+                        "'headstart features' (it lists each bad file and why)")
     grid = preview_grid(decoded, pipeline, n_views=n_views, seed=seed)
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out must be a .png file; got '{out}'")
     import io
 
     buffer = io.BytesIO()

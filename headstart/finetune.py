@@ -74,19 +74,29 @@ class FinetuneConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms during training
 
     def validate(self) -> None:
+        """Refuse values that cannot train; messages name the ``headstart train`` flag too."""
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise UsageError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing"):
+                raise UsageError(f"{_flag(name)} must be a positive integer; got {getattr(self, name)!r}")
+        for name in ("weight_decay", "warmup_epochs", "label_smoothing"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
-                raise UsageError(f"{name} must be a number >= 0; got {getattr(self, name)!r}")
+                raise UsageError(f"{_flag(name)} must be a number >= 0; got {getattr(self, name)!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise UsageError(f"{_flag('lr')} must be a number > 0, e.g. 1e-3; got {self.lr!r}")
         if not 0 < self.lr_decay <= 1:
-            raise UsageError(f"lr_decay must be in (0, 1]; got {self.lr_decay}")
+            raise UsageError(f"{_flag('lr_decay')} must be in (0, 1] (1 = one rate for every stage); "
+                             f"got {self.lr_decay}")
         if self.label_smoothing >= 1:
-            raise UsageError(f"label_smoothing must be below 1; got {self.label_smoothing}")
-        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
-        if self.patience < 0 or self.gradual < 0:
-            raise UsageError("patience and gradual must be >= 0")
+            raise UsageError(f"{_flag('label_smoothing')} must be below 1, e.g. 0.1; got {self.label_smoothing}")
+        check_choice(self.optimizer, OPTIMIZERS, _flag("optimizer"))
+        for name in ("patience", "gradual"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise UsageError(f"{_flag(name)} must be an integer >= 0 (0 = off); got {getattr(self, name)!r}")
+
+
+def _flag(name: str) -> str:
+    """``lr_decay`` -> ``lr_decay (--lr-decay)``: the field and the flag that sets it."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 def parse_freeze(value: str | int) -> str | int:
@@ -99,6 +109,15 @@ def parse_freeze(value: str | int) -> str | int:
     if value in FREEZE_MODES:
         return value
     raise UsageError(f"--freeze must be all, none, auto, probe or a number of stages; got '{value}'")
+
+
+def check_freeze_depth(backbone: Any, n_frozen: int) -> Any:
+    """The stage plan of ``backbone`` when ``--freeze n_frozen`` fits it (builds the model); else UsageError."""
+    plan = stage_plan(backbone.model, whole_ok=n_frozen == 0)
+    if not 0 <= n_frozen <= len(plan):
+        raise UsageError(f"--freeze {n_frozen}: {backbone.name} has {len(plan)} stages ({', '.join(plan.names)}); "
+                         f"give N from 0 to {len(plan)} (see 'headstart backbones {backbone.name} --stages')")
+    return plan
 
 
 @dataclass
@@ -152,9 +171,7 @@ def finetune(
     start_time = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(precision, device)
-    plan = stage_plan(backbone.model, whole_ok=n_frozen == 0)
-    if not 0 <= n_frozen <= len(plan):
-        raise UsageError(f"--freeze {n_frozen}: {backbone.name} has {len(plan)} stages ({', '.join(plan.names)})")
+    plan = check_freeze_depth(backbone, n_frozen)
     model = FinetuneModel(plan, n_frozen, len(train_set.class_names), backbone.num_features)
     freeze_stages(plan, n_frozen)
     model.to(device)

@@ -34,10 +34,20 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from ._constants import DEFAULT_BACKBONE, DEFAULT_FOLDS, DEFAULT_SWEEP_AUGMENT
+from ._constants import DEFAULT_BACKBONE, DEFAULT_FOLDS, DEFAULT_SWEEP_AUGMENT, ENGINES
 from ._io import atomic_write_bytes
-from ._validation import check_batch_size, check_folds, check_num_workers, check_precision, check_preset, check_seed
-from .augmented import build_training_pipeline
+from ._validation import (
+    check_batch_size,
+    check_choice,
+    check_folds,
+    check_num_workers,
+    check_out_outside_data,
+    check_precision,
+    check_preset,
+    check_seed,
+    check_weights,
+)
+from .augmented import build_training_pipeline, check_overrides
 from .backbones import Backbone, check_backbone_name, create_backbone
 from .cache import FeatureCache
 from .data import load_images
@@ -122,6 +132,7 @@ def _check_out(out: Path) -> None:
 
 
 def _check_numbers(cv: int | None, seed: int, precision: str, batch_size: int, num_workers: int | None) -> None:
+    """The scalar options, named by their flags."""
     if cv is not None:
         check_folds(cv, "cv (--cv)")
     check_seed(seed, "seed (--seed)")
@@ -167,9 +178,12 @@ def _context(backbone: str | Sequence[str], aug_views: int | Sequence[int], augm
     names = parse_backbones(backbone)
     counts = check_views(aug_views)
     augment = resolve_augment(augment, counts)
+    check_overrides(augment, aug_params)  # at a nominal size; each backbone's own is used later
     options = dict(grid or {})
     Grid.from_options(options)
     _check_numbers(cv, seed, common["precision"], common["batch_size"], common["num_workers"])
+    check_choice(common["engine"], ENGINES, "engine (--engine)")
+    check_weights(weights)
     plan = _ViewPlan(augment, dict(aug_params or {}), max(counts), seed)
     return _Context(names, counts, plan, options, weights, cv or DEFAULT_FOLDS, common, progress)
 
@@ -340,6 +354,7 @@ def sweep(
     out = Path(out)
     common = {"precision": precision, "batch_size": batch_size, "num_workers": num_workers, "engine": engine}
     ctx = _context(backbone, aug_views, augment, aug_params, grid, cv, seed, weights, common, progress)
+    check_out_outside_data(data, out, "sweep")
     _check_out(out)
     loaded = load_images(data, val_split=0, seed=seed)
     for note in loaded.notes:

@@ -21,11 +21,14 @@ from ._validation import (
     check_choice,
     check_head_type,
     check_num_workers,
+    check_out_outside_data,
     check_positive_int,
+    check_precision,
     check_preset,
     check_seed,
+    check_weights,
 )
-from .augmented import DEFAULT_AUG_VIEWS
+from .augmented import DEFAULT_AUG_VIEWS, check_overrides
 from .backbones import DEFAULT_BACKBONE, Backbone, check_backbone_name, create_backbone
 from .cache import FeatureCache
 from .data import LoadedData, load_images
@@ -97,7 +100,7 @@ def train(
     config = TrainConfig(**{**asdict(config), **overrides})
     config.weights = _absolute_weights(config.weights)  # a run must find its weights from any folder
     config.cache_dir = None if config.cache_dir is None else str(config.cache_dir)
-    _check_out_outside_data(data, Path(out))
+    check_out_outside_data(data, Path(out))
     if "," in config.backbone or config.ensemble > 1:
         _validate_train_config(config, Path(out))  # fail on bad settings before any heavy work
         return train_ensemble(config, data, Path(out), progress, train_member=_train_single)
@@ -111,7 +114,9 @@ def _train_single(config: TrainConfig, data: Any, out: Path, progress: bool) -> 
     loaded: LoadedData = load_images(data, val_split=0, seed=config.seed)
     for note in loaded.notes:
         log(progress, f"note: {note}")
+    _check_cv_fits(config, loaded.train.labels)  # the split can only take images away: refused from the listing
     with FeatureCache(config.cache_dir) as cache:
+        bb = _backbone(config, cache, progress)  # before the files are read: a bad name, file or depth fails here
         train_set, val_set, val_from, leaks = split_train_val(loaded, config, cache, progress)
         if config.bootstrap is not None:
             from .ensemble import bootstrap_indices
@@ -119,15 +124,27 @@ def _train_single(config: TrainConfig, data: Any, out: Path, progress: bool) -> 
             train_set = train_set.subset(bootstrap_indices(train_set.labels, config.bootstrap))
         sets = TrainData(data, loaded, train_set, val_set, val_from, leaks)
         _check_cv_fits(config, train_set.labels)
-        bb = create_backbone(config.backbone, config.weights, memo=cache)
-        bb.engine = config.engine
-        log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
-                      f"input {bb.data_config['input_size'][1]}px")
         freeze, config, auto = _choose_freeze(config, bb, sets, cache, out, progress)
         if freeze != "all":
             return train_finetuned(config, sets, bb, cache, 0 if freeze == "none" else int(freeze), out, progress,
                                    start, auto)
         return train_frozen(config, sets, bb, cache, out, progress, start, auto)
+
+
+def _backbone(config: TrainConfig, cache: FeatureCache, progress: bool) -> Backbone:
+    """The backbone of ``config``, checked against the settings that need it: ``--freeze N`` (its stages) and
+    ``--aug-param`` (the pipeline at its input size). Cached weights are not loaded until a forward needs them."""
+    bb = create_backbone(config.backbone, config.weights, memo=cache)
+    bb.engine = config.engine
+    log(progress, f"backbone {bb.name} ({bb.weights_source}), features {bb.num_features}-d, "
+                  f"input {bb.data_config['input_size'][1]}px")
+    freeze = parse_freeze(config.freeze)
+    if isinstance(freeze, int):
+        from .finetune import check_freeze_depth
+
+        check_freeze_depth(bb, freeze)
+    check_overrides(config.augment, config.aug_params, bb.data_config["input_size"][1:])  # at the real size
+    return bb
 
 
 def _choose_freeze(config: TrainConfig, bb: Backbone, data: TrainData, cache: FeatureCache, out: Path,
@@ -179,20 +196,13 @@ def _absolute_weights(weights: Any) -> str:
 
 
 def _check_cv_fits(config: TrainConfig, labels: np.ndarray) -> None:
-    """``--select none --cv K`` on a class of fewer than K images: refused before any feature is computed."""
-    smallest = int(np.bincount(labels).min()) if len(labels) else 0
+    """``--select none --cv K`` on a class of fewer than K images: refused before any feature is computed
+    (first from the listing, then from the training split)."""
+    counts = np.bincount(labels) if len(labels) else np.zeros(1, dtype=np.int64)
+    smallest = int(counts[counts > 0].min()) if (counts > 0).any() else 0
     if config.select == "none" and config.cv and smallest < config.cv:
         raise UsageError(f"--cv {config.cv} needs at least {config.cv} images in every class (the smallest has "
-                         f"{smallest}); lower --cv")
-
-
-def _check_out_outside_data(data: Any, out: Path) -> None:
-    """Refuse a run folder inside the data folder: every later command would read it as a class."""
-    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
-        root, target = Path(data).resolve(), out.resolve()
-        if target == root or root in target.parents:
-            raise UsageError(f"--out '{out}' is inside the data folder '{data}', where the run would be read as a "
-                             "class by every later command; write the run outside the data folder")
+                         f"{smallest}); lower --cv to {max(2, smallest)} or less, or add images")
 
 
 def _validate_train_config(config: TrainConfig, out: Path) -> None:
@@ -204,6 +214,8 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
     _check_freeze_options(config)
     check_positive_int(config.ensemble, "ensemble (members per backbone)")
     check_choice(config.engine, ENGINES, "engine")
+    check_precision(config.precision, "precision (--precision)")
+    check_weights(config.weights)
     check_seed(config.seed)
     if config.select == "none" and config.cv and ("," in config.backbone or config.ensemble > 1):
         raise UsageError("--cv reports one model's cross-validated accuracy; drop it for ensembles "
@@ -213,7 +225,7 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
             if name:
                 check_backbone_name(name)
     if config.cv is not None and not (isinstance(config.cv, int) and (config.cv == 0 or config.cv >= 2)):
-        raise UsageError(f"cv must be at least 2 folds (or 0 = off with --select none); got {config.cv!r}")
+        raise UsageError(f"cv (--cv) must be at least 2 folds (or 0 = off with --select none); got {config.cv!r}")
     if config.select == "cv" and config.cv == 0:
         raise UsageError("--cv 0 turns cross-validation off, which the selection needs; use --select none "
                          "to train one fixed head")
@@ -241,11 +253,15 @@ def _check_input_options(config: TrainConfig) -> None:
         raise UsageError(f"val_split must be in [0, 1); got {config.val_split}. Use e.g. 0.2 to hold out 20%")
     if config.augment == "none" and config.aug_views:
         raise UsageError(f"aug_views={config.aug_views} needs an augmentation preset; add e.g. --augment standard")
+    if config.augment == "none" and config.aug_params and config.freeze != "auto":
+        raise UsageError(f"aug_params (--aug-param) {sorted(config.aug_params)} change an augmentation preset, but "
+                         "there is none; add e.g. --augment standard or drop them")
     if config.augment != "none":
         check_preset(config.augment)
         if config.aug_views is None:
             config.aug_views = DEFAULT_AUG_VIEWS
         check_positive_int(config.aug_views, "aug_views")
+        check_overrides(config.augment, config.aug_params)  # at a nominal size, before the data is listed
 
 
 def _check_freeze_options(config: TrainConfig) -> None:
@@ -255,7 +271,8 @@ def _check_freeze_options(config: TrainConfig) -> None:
 
         unknown = set(config.finetune) - set(FinetuneConfig.__dataclass_fields__)
         if unknown:
-            raise UsageError(f"unknown fine-tuning option(s) {sorted(unknown)}")
+            raise UsageError(f"unknown fine-tuning option(s) {sorted(unknown)}; known: "
+                             f"{sorted(FinetuneConfig.__dataclass_fields__)}")
         FinetuneConfig(**config.finetune).validate()
         if config.cv and freeze != "auto":
             raise UsageError("--cv works with --freeze all or auto (a head on frozen features); fine-tuning "

@@ -139,7 +139,7 @@ def test_backbones_command(cli):
     (["train", "{tree}", "--out", "{tmp}/r", "--batch-size", "0"], 2, "batch_size"),
     (["train", "{tree}", "--out", "{tmp}/r", "--head", "mlp", "--epochs", "0"], 2, "epochs"),
     (["train", "{tree}", "--out", "{tmp}/r", "--weight-decay", "-1"], 2, "weight_decay"),
-    (["evaluate", "{tmp}/no-run", "{tree}", "--workers", "-1"], 1, "does not exist"),
+    (["evaluate", "{tmp}/no-run", "{tree}", "--workers", "-1"], 2, "num_workers (--workers)"),  # arguments first
     (["train", "{tree}", "--out", "{tmp}/r", "--head", "forest"], 2, "invalid choice"),
     (["train", "{tree}", "--out", "{tmp}/r", "--weight-decay", "0.1"], 2, "--select none"),
     (["train", "{tree}", "--out", "{tmp}/r", "--grid-C", "0,1"], 2, "C must list numbers > 0"),

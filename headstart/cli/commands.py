@@ -110,9 +110,33 @@ def _finetune_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+FINETUNE_FLAGS = ("lr", "lr_decay", "optimizer", "label_smoothing", "patience", "gradual", "no_cut_cache",
+                  "deterministic", "resume")
+
+
+def check_train_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would be ignored with the other settings given (before any work)."""
+    from ..errors import UsageError
+
+    fixed_mlp = args.select == "none" and args.head == "mlp"
+    if args.freeze == "all":
+        given = [f"--{name.replace('_', '-')}" for name in FINETUNE_FLAGS
+                 if getattr(args, name) is not None and getattr(args, name) is not False]
+        if given:
+            raise UsageError(f"{', '.join(given)} set(s) fine-tuning, but --freeze is 'all' (a head on frozen "
+                             "features); add --freeze none, N, auto or probe, or drop them")
+        if args.epochs is not None and not fixed_mlp and args.head != "mlp":
+            raise UsageError("--epochs sets the epochs of fine-tuning (--freeze none, N, auto or probe) or of a fixed "
+                             "mlp head (--select none --head mlp); neither is asked for, so drop it")
+    if args.hidden is not None and args.head != "mlp":
+        raise UsageError("--hidden is the width of the mlp head; add --select none --head mlp, or choose widths "
+                         "by cross-validation with --grid-mlp")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..api import TrainConfig, train
 
+    check_train_flags(args)
     config = TrainConfig(backbone=args.backbone, weights=args.weights, select=args.select, head=args.head,
                          head_params=_head_params(args), grid=parse_grid(args),
                          val_split=args.val_split, cv=args.cv, seed=args.seed, precision=args.precision,
