@@ -12,6 +12,7 @@ import csv
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .._constants import DEFAULT_BATCH_SIZE, FEATURE_SOURCES
@@ -381,3 +382,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"headstart sweep: warning: {best_run['note']}", file=sys.stderr)
     print(f"wrote {', '.join(result['files'][k] for k in ('json', 'csv', 'png'))}")
     return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from ..cache import FeatureCache, default_cache_dir, maintenance
+    from ..errors import UsageError
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.action == "clear":
+        if not args.yes:
+            raise UsageError(f"'headstart cache clear' deletes every cached feature in {root}; add --yes to confirm")
+        result = maintenance.clear(root)
+    else:
+        if not root.is_dir():
+            raise UsageError(f"--cache-dir {root} is not a folder; pass the cache folder (see 'headstart cache info' "
+                             "without --cache-dir for the default)")
+        with FeatureCache(root) as cache:
+            result = getattr(maintenance, args.action)(cache)
+    if args.json:
+        _print_json(result)
+    else:
+        print(_cache_text(args.action, result))
+    return EXIT_FAILURE if args.action == "verify" and (result["damaged"] or result["index"] != "ok") else EXIT_OK
+
+
+def _cache_text(action: str, result: dict[str, Any]) -> str:
+    if action == "info":
+        lines = [f"{result['root']}: {result['bytes'] / 2**20:.1f} MiB, {result['rows']} rows in {result['shards']} "
+                 f"shards, {len(result['orphan_shards'])} orphan shards"]
+        rows = [[m["key"], str(m["backbone"]), str(m["cut"]), str(m["view"])[:40], str(m["rows"])]
+                for m in result["models"]]
+        return "\n".join(lines + ([_table(rows, ["model key", "backbone", "cut", "view", "rows"])] if rows else []))
+    if action == "verify":
+        lines = [f"{result['root']}: index {result['index']}, {result['shards_checked']} shards checked, "
+                 f"{len(result['damaged'])} damaged (dropped; their rows will be recomputed)"]
+        return "\n".join(lines + [f"  {d['shard']}: {d['reason']}" for d in result["damaged"]])
+    if action == "prune":
+        return (f"{result['root']}: removed {result['removed_shards']} orphan shards and {result['removed_files']} "
+                f"files, {result['bytes_freed'] / 2**20:.1f} MiB freed")
+    return f"{result['root']}: cleared, {result['bytes_freed'] / 2**20:.1f} MiB freed"

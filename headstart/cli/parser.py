@@ -284,6 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the sweep (leaderboard included) as JSON on stdout")
     _add_common(p, backbone=False)
     p.set_defaults(func=commands.cmd_sweep)
+
+    p = sub.add_parser("cache", help="look after the feature cache: info, verify, prune, clear",
+                       description="info: size, models and rows, orphan shards. verify: SQLite's integrity check "
+                                   "and every shard's sha256 (damaged shards are dropped, to be recomputed; exit 1 "
+                                   "if any). prune: delete orphan shards (older than 10 minutes), temporary files "
+                                   "and moved-aside corrupt indexes. clear: delete everything in the folder "
+                                   "(needs --yes).")
+    p.add_argument("action", choices=("info", "verify", "prune", "clear"))
+    p.add_argument("--cache-dir", default=None, help="the cache folder (default: $HEADSTART_CACHE_DIR or the "
+                                                     "per-user cache folder)")
+    p.add_argument("--yes", action="store_true", help="confirm 'clear'")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=commands.cmd_cache)
     _add_debug(sub.choices.values())
     return parser
 
