@@ -21,6 +21,7 @@ from .decode import (
     decode_image,
     draft_description,
     draft_scale,
+    max_pixels,
 )
 from .images import (
     IMAGE_EXTENSIONS,
@@ -41,5 +42,5 @@ __all__ = [
     "DECODE_VERSION", "DRAFT_MARGIN", "IMAGE_EXTENSIONS", "LAYOUT_HINT", "TRAIN_FOLDER_NAMES", "VAL_FOLDER_NAMES",
     "BadFile", "ImageDecodeError", "ImageSet", "ImageWarning", "LoadedData", "content_groups", "decode_bytes",
     "decode_image", "draft_description", "draft_scale", "is_image_file", "list_image_paths", "load_images",
-    "read_csv_manifest", "require_every_class", "scan_class_folders", "stratified_split",
+    "max_pixels", "read_csv_manifest", "require_every_class", "scan_class_folders", "stratified_split",
 ]

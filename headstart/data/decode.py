@@ -13,8 +13,10 @@ import math
 import os
 import re
 import struct
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +111,57 @@ def decode_bytes(data: bytes, path: str | os.PathLike[str] = "<bytes>",
     if not data:
         raise ImageDecodeError(f"{path}: empty file (0 bytes)", permanent=True)
     limit = max_pixels()  # a bad $HEADSTART_MAX_PIXELS is a UsageError, not this image's fault
-    with warnings.catch_warnings(record=True) as caught:  # said again below, naming the file
+    failure: ImageDecodeError | None = None
+    with warnings.catch_warnings(record=True) as caught, _libtiff_output(data) as printed:  # said again below
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked here
-        image = _decode(data, path, min_size, limit)
-    for text in dict.fromkeys(describe_warning(w.message) for w in caught):
+        try:
+            image = _decode(data, path, min_size, limit)
+        except ImageDecodeError as exc:
+            failure = exc
+    if failure is not None:  # libtiff's own words say more than Pillow's "decoder error -2"
+        raise (_with_libtiff(failure, printed[0]) if printed else failure) from None
+    texts = [describe_warning(w.message) for w in caught]
+    texts += [f"damaged TIFF data (libtiff: {printed[0]}; image used)"] if printed else []
+    for text in dict.fromkeys(texts):
         warnings.warn(f"{path}: {text}", ImageWarning, stacklevel=2)
     return image
+
+
+def _with_libtiff(failure: ImageDecodeError, said: str) -> ImageDecodeError:
+    text = str(failure)
+    text = f"{text[:-1]}; libtiff: {said})" if text.endswith(")") else f"{text} (libtiff: {said})"
+    return ImageDecodeError(text, failure.permanent)
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+@contextmanager
+def _libtiff_output(data: bytes) -> Iterator[list[str]]:
+    """Lines that libtiff writes to the process's stderr (file descriptor 2) itself while a TIFF decodes.
+
+    Pillow hands TIFF files to libtiff, whose complaints about damaged files ("LZWDecode: Not enough
+    data ...") bypass Python; they are caught here so that the file can be named in one line instead.
+    Other formats are decoded by Pillow's own code and pass straight through.
+    """
+    lines: list[str] = []
+    try:
+        saved = os.dup(2) if data.startswith(_TIFF_MAGIC) else -1
+    except OSError:  # no stderr to protect
+        saved = -1
+    if saved < 0:
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += [line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
 
 
 def describe_warning(message: Warning | str) -> str:
@@ -137,8 +183,14 @@ def _decode(data: bytes, path: str | os.PathLike[str], min_size: Sequence[int] |
             return _to_rgb(img)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError:  # beyond Pillow's own hard limit (2 x 89 MP)
-        raise ImageDecodeError(f"{path}: image too large ({_limit_hint()})") from None
+    except Image.DecompressionBombError:  # beyond Pillow's own hard limit (2 x 89 MP), whatever ours is
+        hard = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageDecodeError(f"{path}: image too large (over {hard / 1e6:.0f} MP, the most Pillow opens; "
+                               "resize it, e.g. to 8000 pixels on its longer side)") from None
+    except Image.UnidentifiedImageError:  # Pillow's message names a BytesIO object, not the file
+        raise ImageDecodeError(f"{path}: cannot decode image (not a format Pillow reads; it starts with "
+                               f"{data[:8]!r}: a web page, a text file, an unfinished download?)",
+                               permanent=True) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).strip() or type(exc).__name__
         raise ImageDecodeError(f"{path}: cannot decode image ({reason})", permanent=True) from None

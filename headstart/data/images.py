@@ -132,7 +132,8 @@ def scan_class_folders(root: Path) -> tuple[ImageSet, list[BadFile]]:
     other_suffixes: set[str] = set()
     n_other = 0
     for class_dir in class_dirs:
-        files = _walk_files(class_dir)
+        files, dangling = _readable(_walk_files(class_dir))
+        bad += dangling
         images = [f for f in files if is_image_file(f)]
         for f in files:
             if not is_image_file(f):
@@ -240,7 +241,9 @@ def list_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Pat
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for f in _walk_files(p):
+            files, dangling = _readable(_walk_files(p))
+            bad += dangling
+            for f in files:
                 if is_image_file(f):
                     paths.append(f)
                 else:
@@ -253,6 +256,18 @@ def list_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Pat
                                  for b in bad):
         raise DataNotFoundError(f"'{bad[0].path}' {bad[0].reason}; give image files or folders of images")
     return paths, bad
+
+
+def _readable(files: list[Path]) -> tuple[list[Path], list[BadFile]]:
+    """``files`` less the symbolic links that lead nowhere (broken, or a loop): bad files, with their reason."""
+    kept: list[Path] = []
+    bad: list[BadFile] = []
+    for f in files:
+        if f.is_symlink() and not f.exists():
+            bad.append(BadFile(str(f), _missing_reason(f)))
+        else:
+            kept.append(f)
+    return kept, bad
 
 
 def _missing_reason(path: Path) -> str:
