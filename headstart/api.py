@@ -31,7 +31,7 @@ from ._validation import (
 )
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .cache import FeatureCache
-from .data import BadFile, ImageSet, list_image_paths, load_images
+from .data import BadFile, ImageSet, list_image_paths, load_images, max_pixels
 from .errors import DataError, UsageError
 from .features import extract_features
 from .inference import run_probabilities
@@ -89,6 +89,7 @@ def check_reading(batch_size: Any, num_workers: Any, weights: Any = None, tta: s
     check_num_workers(num_workers, "num_workers (--workers)")
     check_tta_mode(tta, "tta (--tta)")
     check_tta_average(tta_average, "tta_average (--tta-average)")
+    max_pixels()  # $HEADSTART_MAX_PIXELS, read by every decode
     if weights is not None:
         check_weights(weights)
 

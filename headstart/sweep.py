@@ -50,7 +50,7 @@ from ._validation import (
 from .augmented import build_training_pipeline, check_overrides
 from .backbones import Backbone, check_backbone_name, create_backbone
 from .cache import FeatureCache
-from .data import load_images
+from .data import load_images, max_pixels
 from .errors import DataError, RunError, UnknownBackboneError, UsageError
 from .features import View, augmented_views, clean_view, extract_views
 from .selection import Candidate, Grid, grid_with_classifier, select_head
@@ -184,6 +184,7 @@ def _context(backbone: str | Sequence[str], aug_views: int | Sequence[int], augm
     _check_numbers(cv, seed, common["precision"], common["batch_size"], common["num_workers"])
     check_choice(common["engine"], ENGINES, "engine (--engine)")
     check_weights(weights)
+    max_pixels()  # $HEADSTART_MAX_PIXELS, read by every decode
     plan = _ViewPlan(augment, dict(aug_params or {}), max(counts), seed)
     return _Context(names, counts, plan, options, weights, cv or DEFAULT_FOLDS, common, progress)
 

@@ -31,7 +31,7 @@ from ._validation import (
 from .augmented import DEFAULT_AUG_VIEWS, check_overrides
 from .backbones import DEFAULT_BACKBONE, Backbone, check_backbone_name, create_backbone
 from .cache import FeatureCache
-from .data import LoadedData, load_images
+from .data import LoadedData, load_images, max_pixels
 from .errors import UsageError
 from .finetune import parse_freeze
 from .heads import make_head
@@ -216,6 +216,7 @@ def _validate_train_config(config: TrainConfig, out: Path) -> None:
     check_choice(config.engine, ENGINES, "engine")
     check_precision(config.precision, "precision (--precision)")
     check_weights(config.weights)
+    max_pixels()  # $HEADSTART_MAX_PIXELS, read by every decode
     check_seed(config.seed)
     if config.select == "none" and config.cv and ("," in config.backbone or config.ensemble > 1):
         raise UsageError("--cv reports one model's cross-validated accuracy; drop it for ensembles "
