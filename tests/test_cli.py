@@ -474,9 +474,10 @@ def test_copies_of_training_images_in_the_given_val_folder_are_warned_about_and_
     make_tree(tmp_path / "d" / "val", per_class=2, classes=("blue", "red"))  # other seeds: not copies
     for name in ("red_4.png", "red_5.png"):  # byte copies: a leak
         shutil.copy(tmp_path / "d" / "train" / "red" / name, tmp_path / "d" / "val" / "red" / f"copy_{name}")
-    code, _, err = cli("train", tmp_path / "d", "--out", tmp_path / "run", "--cache-dir", tmp_path / "c",
-                       "--workers", "0", "--select", "none")
+    code, out, err = cli("train", tmp_path / "d", "--out", tmp_path / "run", "--cache-dir", tmp_path / "c",
+                         "--workers", "0", "--select", "none", "--json")
     assert code == 0 and "warning: 2 of 6 validation image(s) are byte-identical copies of training images" in err
+    assert len(json.loads(out)["identical_in_train_and_val"]) == 2  # in --json too
     data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
     assert sorted(Path(val).name for _, val in data["identical_in_train_and_val"]) == ["copy_red_4.png",
                                                                                       "copy_red_5.png"]

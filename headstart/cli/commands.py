@@ -148,6 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                          finetune=_finetune_params(args) if args.freeze != "all" else {})
     run = train(args.data, args.out, config, progress=not args.quiet)
     summary = {"run": str(run.path), "class_names": run.class_names, **run.metrics}
+    leaks = run.info.get("data", {}).get("identical_in_train_and_val")
+    if leaks:
+        summary["identical_in_train_and_val"] = leaks
     if hasattr(run, "members"):
         summary["ensemble_size"] = len(run.members)
     if args.json:
