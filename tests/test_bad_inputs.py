@@ -140,7 +140,7 @@ DECODE_KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(DECODE_KINDS))
+@pytest.mark.parametrize("kind", list(DECODE_KINDS), ids=list(DECODE_KINDS))
 def test_decode(kind):
     make, expected = DECODE_KINDS[kind]
     data = make()
@@ -313,7 +313,7 @@ def test_a_run_folder_inside_the_data_is_skipped_and_listed(tmp_path):
                                                   "the data)"}
 
 
-@pytest.mark.parametrize(("kind", "build", "error", "message"), [
+FOLDER_ERRORS = [  # (kind, how to build it under the data folder, error, message pattern)
     ("empty class folder", lambda r: (make_tree(r, 2), (r / "green").mkdir()), DataError,
      r"^class folder\(s\) 'green' in '.*' hold no image file; add images or remove the folder\(s\)$"),
     ("class folder with no image file", lambda r: (make_tree(r, 2), (r / "green").mkdir(),
@@ -333,7 +333,10 @@ def test_a_run_folder_inside_the_data_is_skipped_and_listed(tmp_path):
      DataError, r"validation folder '.*val' has class\(es\) \['green'\] that '.*train' lacks"),
     ("val/ without train/", lambda r: (make_tree(r / "val", 1), make_tree(r / "other", 1)), DataError,
      r"has a 'val/' folder but no 'train/' folder beside it; rename the training folder to 'train'"),
-])
+]
+
+
+@pytest.mark.parametrize(("kind", "build", "error", "message"), FOLDER_ERRORS, ids=[k[0] for k in FOLDER_ERRORS])
 def test_data_folders_that_cannot_be_used(tmp_path, kind, build, error, message):
     root = tmp_path / "d"
     build(root)
@@ -351,7 +354,7 @@ def _manifest(tmp_path, *rows: str, encoding: str = "utf-8") -> Path:
 GOOD_ROWS = ("imgs/red/red_0.png,red", "imgs/blue/blue_0.png,blue")
 
 
-@pytest.mark.parametrize(("kind", "rows", "bad"), [
+CSV_SKIPPED = [  # (kind, rows after the good ones, bad files: name -> reason)
     ("CSV: missing file", ("imgs/red/nope.png,red",), {"nope.png": "file not found (listed in the CSV)"}),
     ("CSV: empty label", ("imgs/red/red_1.png,",), {"m.csv:4": "row without a path or a label"}),
     ("CSV: duplicate rows", ("imgs/red/red_0.png,red",),
@@ -359,13 +362,16 @@ GOOD_ROWS = ("imgs/red/red_0.png,red", "imgs/blue/blue_0.png,blue")
     ("CSV: extra field", ("imgs/red/red_1.png,red,sunny",),
      {"m.csv:4": "row has 1 field(s) more than the header; quote paths that contain commas"}),
     ("CSV: not an image", ("imgs/red/notes.txt,red",), {"notes.txt": "not an image extension (.txt)"}),
-])
+]
+
+
+@pytest.mark.parametrize(("kind", "rows", "bad"), CSV_SKIPPED, ids=[k[0] for k in CSV_SKIPPED])
 def test_csv_rows_that_are_skipped(tmp_path, kind, rows, bad):
     data = load_images(_manifest(tmp_path, "path,label", *GOOD_ROWS, *rows), val_split=0)
     assert len(data.train) == 2 and _reasons(data.bad_files) == bad
 
 
-@pytest.mark.parametrize(("kind", "rows", "encoding", "message"), [
+CSV_ERRORS = [  # (kind, rows, encoding, message pattern)
     ("CSV: wrong columns", ("file,class", "imgs/red/red_0.png,red"), "utf-8",
      r"needs the columns 'path' and 'label' in a header row; missing 'path', 'label', found \['file', 'class'\]"),
     ("CSV: one path, two labels", ("path,label", *GOOD_ROWS, "imgs/red/red_0.png,blue"), "utf-8",
@@ -375,7 +381,10 @@ def test_csv_rows_that_are_skipped(tmp_path, kind, rows, bad):
      r"points outside the CSV's folder .*; give paths relative to the CSV, below its folder"),
     ("CSV: no usable row", ("path,label", "imgs/red/gone.png,red"), "utf-8",
      r"lists no usable image \(1 rows skipped\)"),
-])
+]
+
+
+@pytest.mark.parametrize(("kind", "rows", "encoding", "message"), CSV_ERRORS, ids=[k[0] for k in CSV_ERRORS])
 def test_csv_manifests_that_cannot_be_used(tmp_path, kind, rows, encoding, message):
     with pytest.raises(DataError, match=message):
         load_images(_manifest(tmp_path, *rows, encoding=encoding), val_split=0)
@@ -668,7 +677,7 @@ KINDS = (list(DECODE_KINDS) + ["decoded pixels of odd modes", "corrupt EXIF", "d
                                "Thumbs.db", "run folder inside the data", "empty class folder", "single class",
                                "class with one image (end to end)", "byte-identical files across classes",
                                "byte-identical train/val copies", "predict: missing, folder, non-image, broken link"]
-         + [k[0] for k in BAD_ARGUMENTS])
+         + [k[0] for k in FOLDER_ERRORS + CSV_SKIPPED + CSV_ERRORS + BAD_ARGUMENTS])
 
 
 def test_the_corpus_has_at_least_40_kinds():
