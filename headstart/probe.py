@@ -69,7 +69,8 @@ def probe(backbone: Backbone, train_set: ImageSet, val_set: ImageSet | None, cac
     x_train, y_train = train.features[train.ok, 0], train_set.labels[train.ok]
     x_val, y_val = val.features[val.ok, 0], val_set.labels[val.ok]
     if len(np.unique(y_train)) < 2 or not len(y_val):
-        raise DataError("--freeze probe needs usable training images of 2+ classes and validation images")
+        raise DataError("--freeze probe needs usable training images of 2+ classes and validation images; fix the "
+                        "skipped files, add images, or choose the depth yourself (--freeze all or --freeze N)")
     rows = []
     for index, (name, a, b) in enumerate(spans):
         head = LinearHead(standardize=True).fit(x_train[:, a:b], y_train)

@@ -266,7 +266,7 @@ def _selection_inputs(train_set: Any, ok: np.ndarray, cache: FeatureCache, folds
     if present.min() < 2:
         short = [class_names[j] for j in np.flatnonzero(present < 2)]
         raise DataError(f"class(es) {short} have fewer than 2 usable training images; the sweep compares "
-                        f"settings by cross-validation, which needs at least 2 per class")
+                        f"settings by cross-validation, which needs at least 2 per class; add images")
     keys, _ = cache.image_keys([p for p, good in zip(train_set.paths, ok) if good])
     groups = [k if k is not None else f"unreadable:{j}" for j, k in enumerate(keys)]  # duplicates share a fold
     return _Selected(y, present, groups, folds)

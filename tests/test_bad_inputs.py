@@ -380,7 +380,7 @@ CSV_ERRORS = [  # (kind, rows, encoding, message pattern)
     ("CSV: path leaving its folder", ("path,label", "../outside.png,red"), "utf-8",
      r"points outside the CSV's folder .*; give paths relative to the CSV, below its folder"),
     ("CSV: no usable row", ("path,label", "imgs/red/gone.png,red"), "utf-8",
-     r"lists no usable image \(1 rows skipped\)"),
+     r"lists no usable image \(1 rows skipped, e.g. .*gone.png: file not found \(listed in the CSV\)\); give rows"),
 ]
 
 

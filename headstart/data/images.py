@@ -173,7 +173,7 @@ def read_csv_manifest(csv_path: Path) -> tuple[ImageSet, list[BadFile]]:
     an earlier row are reported as bad files; one path listed with two labels is an error.
     """
     if not csv_path.is_file():
-        raise DataNotFoundError(f"CSV manifest '{csv_path}' does not exist")
+        raise DataNotFoundError(f"CSV manifest '{csv_path}' does not exist; {LAYOUT_HINT}")
     base = csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -226,7 +226,9 @@ def read_csv_manifest(csv_path: Path) -> tuple[ImageSet, list[BadFile]]:
             continue
         entries[normal] = (target, label)
     if not entries:
-        raise DataError(f"CSV manifest '{csv_path}' lists no usable image ({len(bad)} rows skipped)")
+        example = f", e.g. {bad[0].path}: {bad[0].reason}" if bad else ""
+        raise DataError(f"CSV manifest '{csv_path}' lists no usable image ({len(bad)} rows skipped{example}); give "
+                        "rows path,label with paths relative to the CSV's folder")
     names = sorted({label for _, label in entries.values()})
     index = {name: i for i, name in enumerate(names)}
     paths = [p for p, _ in entries.values()]
