@@ -166,9 +166,11 @@ def evaluate(
         members = members_of(run)
         selections = [{"member": f"{m.backbone_name} ({m.path.name})" if len(members) > 1 else "",
                        **m.metrics["selection"]} for m in members if "selection" in m.metrics]
+        leaks = sorted({tuple(pair) for m in members
+                        for pair in m.info.get("data", {}).get("identical_in_train_and_val", [])})
         out["report"] = str(write_report(Path(report), evaluation=out, proba=probs.proba, y_true=y,
                                          class_names=names, image_paths=ok_paths, curves=curves, ablation=rows,
-                                         selection=selections,
+                                         selection=selections, leakage=leaks,
                                          title=f"headstart evaluation of {Path(run_dir).name} on {Path(data).name}"))
     return out
 

@@ -481,3 +481,7 @@ def test_copies_of_training_images_in_the_given_val_folder_are_warned_about_and_
     data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
     assert sorted(Path(val).name for _, val in data["identical_in_train_and_val"]) == ["copy_red_4.png",
                                                                                       "copy_red_5.png"]
+    code, _, err = cli("evaluate", tmp_path / "run", tmp_path / "d" / "val", "--report", tmp_path / "r.html",
+                       "--cache-dir", tmp_path / "c", "--workers", "0", "-q")
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert code == 0 and 'id="leakage"' in page and "copy_red_4.png" in page, err  # and in the report
