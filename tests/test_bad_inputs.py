@@ -182,6 +182,23 @@ def test_a_decoder_warning_is_one_image_warning_naming_the_file(kind, make, said
     assert capfd.readouterr().err == ""  # nothing of Pillow's or libtiff's own reaches stderr
 
 
+def test_the_orientation_read_without_pillows_warnings_agrees_with_pillow():
+    """The GPU path's reader threads read the orientation without Pillow's EXIF parser (whose warnings
+    cannot be caught in threads); a damaged block sends the file to Pillow, which names it."""
+    from headstart.data.decode import quiet_orientation
+
+    xmp = encode(noise(), "JPEG", xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>')
+    truncated_ifd = encode(noise(), "JPEG", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00")
+    for data, expected in ((rotated_jpeg(6), 6), (rotated_jpeg(3), 3), (full_jpeg(), 1), (xmp, 8),
+                           (truncated_ifd, None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # without JFIF density, opening parses EXIF for the dpi (and warns)
+            with Image.open(io.BytesIO(data)) as img:
+                assert quiet_orientation(img) == expected
+                if expected is not None:
+                    assert img.getexif().get(0x0112, 1) == expected
+
+
 def test_the_pixel_limit_is_configurable(monkeypatch):
     data = encode(noise(100, 100), "PNG")
     monkeypatch.setenv("HEADSTART_MAX_PIXELS", "5000")
