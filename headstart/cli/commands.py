@@ -387,6 +387,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export_cmd import run_export
+
+    return run_export(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve_cmd import run_serve
+
+    return run_serve(args)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from ..cache import FeatureCache, default_cache_dir, maintenance
     from ..errors import UsageError

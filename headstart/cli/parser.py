@@ -285,6 +285,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, backbone=False)
     p.set_defaults(func=commands.cmd_sweep)
 
+    p = sub.add_parser("export", help="export a run to one ONNX graph (image -> probabilities), verified in "
+                                      "ONNX Runtime, with a model card",
+                       description="Write one self-contained graph from a uint8 image batch (N x 3 x H x W, the run's "
+                                   "input size) to class probabilities: normalisation, backbone, head, and for "
+                                   "ensembles every member and the averaging. The file is checked with onnx.checker, "
+                                   "run in ONNX Runtime on images of the run's data and compared with headstart's "
+                                   "own probabilities; model_card.md and model_card.json are written next to it. "
+                                   "Needs: pip install 'headstart[export]'.")
+    p.add_argument("run", help="run folder written by 'headstart train'")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: %(default)s)")
+    p.add_argument("--out", default=None, help="file to write (default: RUN/model.onnx or RUN/model.pt)")
+    p.add_argument("--tta", choices=("none", "flip", "10crop"), default="none",
+                   help="test-time views averaged inside the graph (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="also write an int8 model (static quantization calibrated on the run's training images) "
+                        "and compare size, speed and accuracy with fp32")
+    p.add_argument("--check-images", nargs="+", default=None, metavar="PATH",
+                   help="images (or folders) to verify on (default: a few of the run's own data)")
+    p.add_argument("--data", default=None, help="labelled data for the int8 accuracy comparison and calibration "
+                                                "(default: the run's own data folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_common(p, backbone=False)
+    p.set_defaults(func=commands.cmd_export)
+
+    p = sub.add_parser("serve", help="serve a run over HTTP (POST /predict, GET /health, GET /metadata)",
+                       description="An HTTP server for a run (FastAPI + uvicorn; pip install 'headstart[serve]'). "
+                                   "Concurrent requests are batched; request size and image pixels are limited; "
+                                   "bad uploads get a JSON 4xx error and the server keeps serving.")
+    p.add_argument("run", help="run folder written by 'headstart train'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="torch: the run as headstart computes it; onnx: the exported graph in ONNX Runtime "
+                        "(exported first if RUN/model.onnx is missing) (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch of requests (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request may wait for others to batch with (default: %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest upload (default: 20 MiB)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no log line per request")
+    p.set_defaults(func=commands.cmd_serve)
+
     p = sub.add_parser("cache", help="look after the feature cache: info, verify, prune, clear",
                        description="info: size, models and rows, orphan shards. verify: SQLite's integrity check "
                                    "and every shard's sha256 (damaged shards are dropped, to be recomputed; exit 1 "
