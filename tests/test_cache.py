@@ -218,3 +218,12 @@ def test_a_head_that_writes_into_its_input_gets_a_copy(tmp_path):
         result = FeatureResult(features=np.zeros((3, 1, 0)), ok=np.ones(3, bool), locations=located, dim=DIM)
         np.testing.assert_allclose(predict_proba_cached(Scribbler(), cache, result), [[0.25, 0.75]] * 3)
         np.testing.assert_array_equal(cache.read_locations(located, DIM)[:, 0], rows)  # the shard is untouched
+
+
+def test_image_keys_say_why_a_link_cannot_be_read(tmp_path, cache):
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    keys, errors = cache.image_keys([tmp_path / "broken.jpg", tmp_path / "loop.jpg", tmp_path / "gone.jpg"])
+    assert keys == [None, None, None]
+    assert errors == {0: "broken symbolic link (its target does not exist)", 1: "symbolic link loop",
+                      2: "file not found"}

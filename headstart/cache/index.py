@@ -8,6 +8,7 @@ values). WAL mode, ``synchronous=FULL`` and explicit transactions: the index nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -64,9 +65,13 @@ def _file_sha256(path: str) -> str:
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def _read_error(exc: OSError) -> str:
+def _read_error(exc: OSError, path: str) -> str:
     """Why a file could not be hashed, without its path."""
-    return "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc.strerror or exc})"
+    if isinstance(exc, FileNotFoundError):
+        return "broken symbolic link (its target does not exist)" if os.path.islink(path) else "file not found"
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"cannot read file ({exc.strerror or exc})"
 
 
 def new_owner() -> str:
@@ -166,7 +171,7 @@ class Index:
                 digest = _file_sha256(real)
             except OSError as exc:
                 keys.append(None)
-                errors[i] = _read_error(exc)
+                errors[i] = _read_error(exc, real)
                 continue
             keys.append(digest)
             fresh.append((_db_text(real), *stamp, digest))
