@@ -323,7 +323,8 @@ def write_ensemble_run(out: Path, members: Sequence[Run], member_weights: Sequen
     out = Path(out)
     check_compatible([m.class_names for m in members], [str(m.path) for m in members])
     if any(w < 0 for w in member_weights) or not sum(member_weights) > 0:
-        raise UsageError("ensemble weights must be >= 0 and not all zero")
+        raise UsageError(f"member weights {list(member_weights)} must be >= 0 and not all zero (--member-weights "
+                         "or member_weights); e.g. --member-weights=1,1 for an equal average")
     entries = []
     with _staged(out) as staging:
         (staging / "members").mkdir()
