@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("FeatureResult", "extract_features"), "features"),
     **dict.fromkeys(("LinearHead", "MLPHead", "load_head", "make_head"), "heads"),
     **dict.fromkeys(("EnsembleRun", "load_run", "Run"), "runs"),
+    "inspect": "inspection",
 }
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "evaluate",
     "extract",
     "extract_features",
+    "inspect",
     "list_backbones",
     "load_head",
     "load_images",

@@ -168,11 +168,22 @@ def evaluate(
                        **m.metrics["selection"]} for m in members if "selection" in m.metrics]
         leaks = sorted({tuple(pair) for m in members
                         for pair in m.info.get("data", {}).get("identical_in_train_and_val", [])})
+        pages = _inspection_pages(cache_dir, data, [m.info.get("data", {}).get("source") for m in members])
         out["report"] = str(write_report(Path(report), evaluation=out, proba=probs.proba, y_true=y,
                                          class_names=names, image_paths=ok_paths, curves=curves, ablation=rows,
-                                         selection=selections, leakage=leaks,
+                                         selection=selections, leakage=leaks, inspection=pages,
                                          title=f"headstart evaluation of {Path(run_dir).name} on {Path(data).name}"))
     return out
+
+
+def _inspection_pages(cache_dir: Any, data: Any, training: Sequence[str | None]) -> list[tuple[str, str]]:
+    """``(label, page)`` of the ``headstart inspect`` pages of the evaluated data and the training data."""
+    from .inspection import findings_page
+
+    with FeatureCache(cache_dir) as cache:
+        wanted = [("evaluated data", data)] + [("training data", t) for t in dict.fromkeys(training) if t]
+        found = [(label, findings_page(cache, where)) for label, where in wanted]
+    return [(label, page) for label, page in found if page]
 
 
 def _setting_name(tta: str, n_members: int) -> str:

@@ -232,6 +232,35 @@ def _thumbnail(path: str) -> str | None:
 # --------------------------------------------------------------------------------------------- HTML
 
 
+def html_page(title: str, parts: Sequence[str]) -> str:
+    """A self-contained page in the report's style: ``parts`` are HTML already escaped (see :func:`section`)."""
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body><main>\n<h1>{_e(title)}</h1>\n"
+            + "\n".join(p for p in parts if p) + "\n</main></body></html>\n")
+
+
+def section(anchor: str, heading: str, body: str) -> str:
+    """A titled section; ``heading`` is escaped, ``body`` is HTML."""
+    return _section(anchor, heading, body)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table of escaped cells."""
+    return _table(header, rows)
+
+
+def gallery(items: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """Thumbnails of ``(image path, caption lines)``, every string escaped."""
+    figures = []
+    for path, lines in items:
+        thumb = _thumbnail(path)
+        image = _img(thumb, Path(path).name, "jpeg", "thumb") if thumb else '<div class="missing">unreadable</div>'
+        caption = "<br>".join(_e(line) for line in lines)
+        figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
+    return f'<div class="gallery">{"".join(figures)}</div>'
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return "" if value is None else str(value)
@@ -353,6 +382,7 @@ def write_report(
     ablation: list[dict[str, Any]] | None = None,
     selection: list[dict[str, Any]] | None = None,
     leakage: Sequence[Sequence[str]] | None = None,
+    inspection: Sequence[tuple[str, str]] | None = None,
     top_k: int = 5,
     n_mistakes: int = 24,
 ) -> Path:
@@ -373,6 +403,7 @@ def write_report(
             ``"member"`` name): the chosen setting and the leaderboard.
         leakage: (training file, validation file) pairs with the same bytes in the run's given splits;
             shown first, as a warning, when there are any.
+        inspection: ``(label, page)`` links to ``headstart inspect`` pages of the data involved.
         top_k: ``k`` of the top-k accuracy shown.
         n_mistakes: how many of the most confident wrong predictions the gallery shows.
 
@@ -387,7 +418,8 @@ def write_report(
     if matrix.shape != (len(names), len(names)):
         raise UsageError(f"evaluation['confusion_matrix'] has shape {matrix.shape}; expected "
                          f"({len(names)}, {len(names)}) for {len(names)} classes")
-    parts = [f"<h1>{_e(title)}</h1>", _meta(metrics, top), *_sections(metrics, matrix, proba, y, names, top),
+    meta = _meta(metrics, top) + _links(inspection or [])
+    parts = [f"<h1>{_e(title)}</h1>", meta, *_sections(metrics, matrix, proba, y, names, top),
              _section("mistakes", "Most confident mistakes", _mistakes(proba, y, names, image_paths, n_mistakes))]
     if leakage:
         parts.insert(2, _section("leakage", "Warning: the same images in training and validation",
@@ -427,6 +459,12 @@ def _meta(metrics: dict[str, Any], top: int) -> str:
     other_topk = sorted(k for k in metrics if re.fullmatch(r"top\d+_accuracy", k) and k != f"top{top}_accuracy")
     meta += [f"{k.replace('_', ' ')}: {_percent(metrics[k])}" for k in other_topk]
     return f'<p class="meta">{_e(" · ".join(meta))}</p>' if meta else ""
+
+
+def _links(pages: Sequence[tuple[str, str]]) -> str:
+    """Links to the inspection pages (label errors, duplicates, outliers) of the data involved."""
+    links = [f'<a href="{_e(Path(page).resolve().as_uri())}">{_e(label)}</a>' for label, page in pages]
+    return f'<p class="meta">inspection findings: {" · ".join(links)}</p>' if links else ""
 
 
 def _sections(metrics: dict[str, Any], matrix: np.ndarray, proba: np.ndarray, y: np.ndarray, names: list[str],

@@ -399,6 +399,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .._validation import check_positive_int
+    from ..errors import UsageError
+    from ..inspection import inspect
+    from ..selection import DEFAULT_FOLDS
+
+    if not 0.0 < args.near_duplicate <= 1.0:
+        raise UsageError(f"--near-duplicate must be a cosine similarity in (0, 1]; got {args.near_duplicate}")
+    folds = DEFAULT_FOLDS if args.cv is None else args.cv
+    check_positive_int(folds, "--cv")
+    if folds < 2:
+        raise UsageError(f"--cv must be at least 2 (out-of-fold probabilities need 2 folds); got {folds}")
+    found = inspect(args.data, out=args.out, fix=args.fix, backbone=args.backbone, weights=args.weights,
+                    cache_dir=args.cache_dir, folds=folds, seed=args.seed, near_duplicate=args.near_duplicate,
+                    batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    if args.json:
+        _print_json(found)
+        return EXIT_OK
+    leaks = sum(d["across_splits"] for d in found["near_duplicates"]) + sum(
+        g["across_splits"] for g in found["exact_duplicates"])
+    print(f"{found['n_images']} images: {len(found['label_issues'])} likely label errors, "
+          f"{len(found['exact_duplicates'])} groups of identical files, {len(found['near_duplicates'])} near-duplicate "
+          f"pairs ({leaks} across train/val), {len(found['outliers'])} outliers; {found['seconds']:.1f}s")
+    rows = [[t["path"], t["given"], t["suggested"], f"{t['confidence']:.2f}"] for t in found["label_issues"][:10]]
+    if rows:
+        print(_table(rows, ["likely label error", "given", "suggested", "confidence"]))
+    print(f"page: {found['files']['html']}")
+    if "fix" in found:
+        fix = found["fix"]
+        print(f"manifest {fix['manifest']}: {fix['rows']} rows, {fix['relabelled']} relabelled, {fix['dropped']} "
+              f"left out; train on it with 'headstart train {fix['manifest']}'")
+    return EXIT_OK
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from ..cache import FeatureCache, default_cache_dir, maintenance
     from ..errors import UsageError

@@ -327,6 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no log line per request")
     p.set_defaults(func=commands.cmd_serve)
 
+    p = sub.add_parser("inspect", help="find likely label errors, near-duplicates, train/val leakage and outliers",
+                       description="Look at labelled data through its cached features: likely label errors by "
+                                   "confident learning on out-of-fold probabilities of the head the selection "
+                                   "chooses, exact and near-duplicates (marked when they span train/ and val/), "
+                                   "outliers far from every other image, and per-class counts, accuracy and "
+                                   "confusions. Writes OUT/findings.json, findings.csv and inspect.html; the "
+                                   "images are never changed.")
+    p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
+    p.add_argument("--out", default="inspect", help="folder for findings.json, findings.csv and inspect.html "
+                                                    "(default: %(default)s)")
+    p.add_argument("--fix", default=None, metavar="CSV",
+                   help="also write a path,label manifest for 'headstart train' with the likely label errors "
+                        "relabelled (suggested class >= 0.8 likely) or left out; it must lie in a folder that "
+                        "holds the images, e.g. next to the data folder")
+    p.add_argument("--near-duplicate", type=float, default=0.93, metavar="COSINE",
+                   help="cosine similarity of the features from which two images are near-duplicates "
+                        "(default: %(default)s; see benchmarks/inspect.py)")
+    p.add_argument("--cv", type=int, default=None, help="folds of the out-of-fold probabilities (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the findings as one JSON object on stdout")
+    _add_common(p)
+    p.set_defaults(func=commands.cmd_inspect)
+
     p = sub.add_parser("cache", help="look after the feature cache: info, verify, prune, clear",
                        description="info: size, models and rows, orphan shards. verify: SQLite's integrity check "
                                    "and every shard's sha256 (damaged shards are dropped, to be recomputed; exit 1 "

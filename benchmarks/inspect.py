@@ -1,0 +1,168 @@
+"""How well `headstart inspect` finds label errors and near-duplicates, next to cleanlab and a naive rule.
+
+On ants/bees and intel_scenes (../shared/data), the labels of 5% and 10% of the images are flipped
+(seeded) to another class; the out-of-fold probabilities of the selected head on the noisy labels
+are computed once, and three rules flag images from them:
+
+* headstart: confident learning as `headstart inspect` runs it (headstart/inspection/confident.py);
+* cleanlab: `cleanlab.filter.find_label_issues` on the same probabilities (cleanlab is AGPL-3.0: a
+  peer here only, installed into the benchmark's environment with `pip install cleanlab`, never a
+  dependency of headstart);
+* lowest self-confidence: the k images with the lowest probability of their given label, k = the
+  number flipped (an oracle for the count, so it is a strong naive rule).
+
+Printed: precision and recall of each flagged set against the flipped set. Then the near-duplicate
+threshold: copies of 30 images, mildly (resized to 85-100%, JPEG quality 80-95) and strongly (50-90%,
+quality 50-90) edited, against every pair of distinct images: the copies' similarities and the highest
+distinct one (the threshold must stay above it on both sets: no false pairs). Last, seconds for
+`inspect`'s work after extraction (features cached) on 245 images and on 5,000 (intel_scenes rows
+repeated with noise).
+
+    python benchmarks/inspect.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
+    sys.path.pop(0)  # this file is named inspect.py: keep it from shadowing the standard library's inspect
+
+import io
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from headstart.inspection.confident import find_label_issues
+from headstart.inspection.findings import NEAR_DUPLICATE, Inspected, _load, classes, label_issues, similar
+from headstart.inspection.neighbours import normalise
+from headstart.selection import Grid, select_head
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = ["ants_bees_train", "intel_scenes"]
+
+
+def flip(y: np.ndarray, fraction: float, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
+    noisy = y.copy()
+    noisy[chosen] = (y[chosen] + rng.integers(1, k, size=len(chosen))) % k
+    return noisy, chosen
+
+
+def oof(seen: Inspected, y: np.ndarray) -> np.ndarray:
+    from headstart.backbones import create_backbone
+    from headstart.selection import grid_with_classifier
+
+    bb = create_backbone("tf_efficientnet_lite0", "default")
+    grid, classifier, _ = grid_with_classifier({}, bb, "default")
+    return select_head(seen.features, y, grid=replace(grid, max_images=None), groups=seen.keys,
+                       classifier=classifier).oof_proba
+
+
+def scores(flagged: set[int], truth: set[int]) -> tuple[float, float, int]:
+    hit = len(flagged & truth)
+    return hit / max(len(flagged), 1), hit / max(len(truth), 1), len(flagged)
+
+
+def noise_table(seen: Inspected) -> list[list]:
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+
+    k = len(seen.class_names)
+    rows = []
+    for fraction in (0.05, 0.10):
+        noisy, chosen = flip(seen.labels, fraction, k, seed=0)
+        proba = oof(seen, noisy)
+        truth = set(chosen.tolist())
+        ours = {t.index for t in find_label_issues(proba, noisy)}
+        theirs = set(np.flatnonzero(cleanlab_issues(noisy, proba)).tolist())
+        naive = set(np.argsort(proba[np.arange(len(noisy)), noisy])[:len(truth)].tolist())
+        for name, flagged in (("headstart", ours), ("cleanlab", theirs), ("lowest self-confidence k", naive)):
+            rows.append([f"{fraction:.0%}", name, *scores(flagged, truth), len(truth)])
+    return rows
+
+
+def copy_similarities(seen: Inspected, scales: tuple[float, float], qualities: tuple[int, int], n: int = 30,
+                      seed: int = 0) -> tuple[np.ndarray, float]:
+    """(similarity of each planted copy to its original, the highest similarity of two distinct images)."""
+    from headstart.backbones import create_backbone
+    from headstart.features import extract_features
+
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(seen.paths), size=min(n, len(seen.paths)), replace=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = []
+        for j, i in enumerate(picks.tolist()):
+            image = Image.open(seen.paths[i]).convert("RGB")
+            scale = rng.uniform(*scales)
+            image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=int(rng.integers(qualities[0], qualities[1] + 1)))
+            path = Path(tmp) / f"copy{j}.jpg"
+            path.write_bytes(buffer.getvalue())
+            copies.append(path)
+        bb = create_backbone("tf_efficientnet_lite0", "default")
+        feats = extract_features(bb, copies, progress=False).features
+    unit, planted = normalise(seen.features), normalise(feats)
+    copy_sims = (unit[torch_index(picks)] * planted).sum(dim=1).numpy()
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-1.0)
+    same = np.asarray(seen.keys)
+    sims[np.asarray(same[:, None] == same[None, :])] = -1.0
+    return copy_sims, float(sims.max())
+
+
+def torch_index(index: np.ndarray):  # -> torch.Tensor
+    import torch
+
+    return torch.from_numpy(np.asarray(index, dtype=np.int64))
+
+
+def timing(seen: Inspected, n: int) -> float:
+    rng = np.random.default_rng(0)
+    reps = -(-n // len(seen.paths))
+    big = Inspected([p for _ in range(reps) for p in seen.paths][:n], np.tile(seen.labels, reps)[:n],
+                    (seen.split * reps)[:n], seen.class_names, [f"{i}" for i in range(n)],
+                    (np.tile(seen.features, (reps, 1)) + rng.normal(0, 0.05, (reps * len(seen.paths),
+                                                                              seen.features.shape[1])))[:n]
+                    .astype(np.float32), np.zeros((n, len(seen.class_names))), seen.setting, [])
+    start = time.perf_counter()
+    big.oof = select_head(big.features, big.labels, grid=Grid(max_images=None, source=("pooled",)),
+                          groups=big.keys).oof_proba
+    label_issues(big)
+    similar(big, NEAR_DUPLICATE)
+    classes(big)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    if not SHARED.is_dir():
+        sys.exit(f"needs {SHARED} (ants_bees_train and intel_scenes)")
+    loaded = {name: _load(SHARED / name, "tf_efficientnet_lite0", "default", None, 5, 0, 32, None, False)
+              for name in SETS}
+    print("label errors: precision / recall of the flagged set against the flipped labels")
+    print(f"  {'set':16} {'noise':>5}  {'rule':26} {'precision':>9} {'recall':>7} {'flagged':>7} {'flipped':>7}")
+    for name, seen in loaded.items():
+        for noise, rule, precision, recall, flagged, flipped in noise_table(seen):
+            print(f"  {name:16} {noise:>5}  {rule:26} {precision:9.3f} {recall:7.3f} {flagged:7d} {flipped:7d}")
+    print(f"\nnear-duplicates (cosine of pooled features; threshold {NEAR_DUPLICATE}):")
+    for name, seen in loaded.items():
+        for edit, scales, qualities in (("mild", (0.85, 1.0), (80, 95)), ("strong", (0.5, 0.9), (50, 90))):
+            copy_sims, distinct = copy_similarities(seen, scales, qualities)
+            print(f"  {name:16} {edit:6} copies (scale {scales[0]}-{scales[1]}, JPEG q{qualities[0]}-{qualities[1]}): "
+                  f"min {copy_sims.min():.4f}, median {np.median(copy_sims):.4f}, found "
+                  f"{int((copy_sims >= NEAR_DUPLICATE).sum())}/{len(copy_sims)}; distinct images: max {distinct:.4f}")
+    print("\nseconds after extraction (selection for out-of-fold probabilities, confident learning, neighbours):")
+    seen = loaded["intel_scenes"]
+    ants = loaded["ants_bees_train"]
+    print(f"  {len(ants.paths)} images (ants/bees): {timing(ants, len(ants.paths)):.1f} s")
+    print(f"  5000 images (intel_scenes rows repeated with noise): {timing(seen, 5000):.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""``headstart inspect``: look at a labelled data set through its cached features.
+
+One pass over the data: the clean view's pooled features (from the cache), out-of-fold probabilities
+of the head the selection would choose (every image ranked, grouped by content), then
+
+* likely label errors: confident learning on those probabilities (:mod:`.confident`);
+* exact copies (same bytes) and near-duplicates (cosine similarity of the features at or above
+  ``NEAR_DUPLICATE``), each marked when it spans the given train/val splits (leakage);
+* outliers: images far from their nearest neighbours in feature space (:mod:`.neighbours`);
+* per class: count, out-of-fold accuracy, the classes it is confused with.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backbones import DEFAULT_BACKBONE, create_backbone
+from ..cache import FeatureCache
+from ..data import load_images
+from ..errors import DataError
+from ..features import extract_features
+from ..selection import DEFAULT_FOLDS, grid_with_classifier, select_head
+from .confident import find_label_issues
+from .neighbours import neighbours
+
+NEAR_DUPLICATE = 0.93  # cosine similarity of pooled features; see benchmarks/inspect.py
+OUTLIER_Z = 3.5  # robust z-score of the k-NN distance from which an image is flagged as an outlier
+MAX_OUTLIERS = 50
+MIN_LISTED = 3  # the farthest images listed even when none is flagged (small or mixed sets: a wide spread)
+KNN = 5
+
+
+@dataclass
+class Inspected:
+    """The images inspected: paths, labels, split, content keys, features and out-of-fold probabilities."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    split: list[str]  # "train" or "val" (a given val/ folder)
+    class_names: list[str]
+    keys: list[str]
+    features: np.ndarray  # (n, d) pooled, clean view
+    oof: np.ndarray  # (n, k)
+    setting: str
+    bad_files: list[dict[str, str]]
+
+
+def inspect_data(data: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKBONE, weights: str = "default",
+                 cache_dir: str | os.PathLike[str] | None = None, folds: int = DEFAULT_FOLDS, seed: int = 0,
+                 near_duplicate: float = NEAR_DUPLICATE, batch_size: int = 32, num_workers: int | None = None,
+                 progress: bool = True) -> tuple[dict[str, Any], Inspected]:
+    """The findings of one data set (see the module docstring) and what they were computed from."""
+    seen = _load(data, backbone, weights, cache_dir, folds, seed, batch_size, num_workers, progress)
+    findings = {"data": str(data), "n_images": len(seen.paths), "setting": seen.setting,
+                "label_issues": label_issues(seen), **similar(seen, near_duplicate),
+                "classes": classes(seen), "bad_files": seen.bad_files}
+    return findings, seen
+
+
+def _load(data: str | os.PathLike[str], backbone: str, weights: str, cache_dir: Any, folds: int, seed: int,
+          batch_size: int, num_workers: int | None, progress: bool) -> Inspected:
+    loaded = load_images(data, val_split=0, min_classes=2)
+    parts = [(loaded.train, "train")] + ([(loaded.val, "val")] if loaded.val is not None else [])
+    paths = [p for part, _ in parts for p in part.paths]
+    names = loaded.train.class_names
+    labels = np.concatenate([_relabel(part.labels, part.class_names, names) for part, _ in parts])
+    split = [tag for part, tag in parts for _ in part.paths]
+    with FeatureCache(cache_dir) as cache:
+        bb = create_backbone(backbone, weights, memo=cache)
+        result = extract_features(bb, paths, cache=cache, batch_size=batch_size, num_workers=num_workers,
+                                  progress=progress, desc="features")
+        keys = [k or f"unreadable:{i}" for i, k in enumerate(cache.image_keys(paths)[0])]
+        grid, classifier, _ = grid_with_classifier({}, bb, weights, memo=cache)
+    ok = np.flatnonzero(result.ok)
+    bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
+    if len(np.unique(labels[ok])) < 2:
+        raise DataError(f"'{data}' has fewer than 2 classes with usable images; inspect needs labelled classes")
+    x, y, groups = result.features[ok], labels[ok], [keys[i] for i in ok]
+    selection = select_head(x, y, grid=replace(grid, max_images=None), folds=folds, groups=groups, seed=seed,
+                            classifier=classifier, progress=progress)
+    return Inspected([paths[i] for i in ok], y, [split[i] for i in ok], names, groups, x, selection.oof_proba,
+                     selection.best.name, bad)
+
+
+def _relabel(labels: np.ndarray, own: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(names)}
+    return np.asarray([index[own[j]] for j in labels], dtype=np.int64)
+
+
+def label_issues(seen: Inspected) -> list[dict[str, Any]]:
+    """Likely label errors, lowest self-confidence first."""
+    return [{"path": str(seen.paths[t.index]), "given": seen.class_names[t.given],
+             "suggested": seen.class_names[t.suggested], "confidence": round(t.confidence, 4),
+             "self_confidence": round(t.self_confidence, 4), "split": seen.split[t.index]}
+            for t in find_label_issues(seen.oof, seen.labels)]
+
+
+def similar(seen: Inspected, threshold: float) -> dict[str, Any]:
+    """Exact copies, near-duplicates and outliers."""
+    found = neighbours(seen.features, threshold, k=KNN, same=seen.keys)
+    near = [{"a": str(seen.paths[i]), "b": str(seen.paths[j]), "similarity": round(s, 4),
+             "across_splits": seen.split[i] != seen.split[j]} for i, j, s in found.pairs]
+    return {"exact_duplicates": _exact(seen), "near_duplicates": near, "near_duplicate_threshold": threshold,
+            "outliers": _outliers(seen, found.knn_distance)}
+
+
+def _exact(seen: Inspected) -> list[dict[str, Any]]:
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(seen.keys):
+        groups.setdefault(key, []).append(i)
+    return [{"paths": [str(seen.paths[i]) for i in rows], "labels": sorted({seen.class_names[seen.labels[i]]
+                                                                          for i in rows}),
+             "across_splits": len({seen.split[i] for i in rows}) > 1} for rows in groups.values() if len(rows) > 1]
+
+
+def _outliers(seen: Inspected, distance: np.ndarray) -> list[dict[str, Any]]:
+    """The images farthest from their nearest neighbours, farthest first: those ``flagged`` (robust z-score of
+    the distance >= ``OUTLIER_Z``), and at least the ``MIN_LISTED`` farthest of a set of 10 or more."""
+    if len(distance) < 3:
+        return []
+    median = float(np.median(distance))
+    mad = float(np.median(np.abs(distance - median))) * 1.4826 or 1e-12
+    z = (distance - median) / mad
+    listed = max(int((z >= OUTLIER_Z).sum()), MIN_LISTED if len(distance) >= 10 else 0)
+    order = np.argsort(-distance, kind="stable")[:min(listed, MAX_OUTLIERS)].tolist()
+    return [{"path": str(seen.paths[i]), "label": seen.class_names[seen.labels[i]],
+             "score": round(float(distance[i]), 4), "z": round(float(z[i]), 2), "flagged": bool(z[i] >= OUTLIER_Z)}
+            for i in order]
+
+
+def classes(seen: Inspected) -> dict[str, Any]:
+    """Per class: images, out-of-fold accuracy, and the classes its images are most often taken for."""
+    k = len(seen.class_names)
+    predicted = seen.oof.argmax(axis=1)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (seen.labels, predicted), 1)
+    out = {}
+    for i, name in enumerate(seen.class_names):
+        total = int(confusion[i].sum())
+        confused = [(seen.class_names[j], int(confusion[i, j])) for j in np.argsort(-confusion[i]).tolist()
+                    if j != i and confusion[i, j]][:3]
+        out[name] = {"count": total, "cv_accuracy": round(float(confusion[i, i]) / total, 4) if total else None,
+                     "confused_with": [{"class": c, "count": n} for c, n in confused]}
+    return out

@@ -1,0 +1,151 @@
+"""`headstart inspect`: label errors, near-duplicates across splits, outliers, the page and the fix manifest.
+
+The photos are crops of the images that ship with scikit-image (textures against scenes), so the test
+runs offline; one inspection is shared by the module."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart.inspection.confident import find_label_issues
+from headstart.inspection.output import write_findings
+
+TEXTURES = ("grass", "gravel", "brick")
+SIZE = 256  # pixels of a crop: larger than the network's input, like a photo
+SCENES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+def _crops(name: str, n: int, rng: np.random.Generator) -> list[Image.Image]:
+    import skimage.data
+
+    array = getattr(skimage.data, name)()
+    image = Image.fromarray(array).convert("RGB")
+    out = []
+    for _ in range(n):
+        x, y = rng.integers(0, image.width - SIZE), rng.integers(0, image.height - SIZE)
+        out.append(image.crop((int(x), int(y), int(x) + SIZE, int(y) + SIZE)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """train/ + val/ of textures and scenes, with a planted copy across the splits, a flat image and a
+    texture filed under scenes."""
+    root = tmp_path_factory.mktemp("inspect") / "data"
+    rng = np.random.default_rng(0)
+    for label, sources in (("textures", TEXTURES), ("scenes", SCENES)):
+        images = [c for name in sources for c in _crops(name, 12 // len(sources) + 2, rng)][:14]
+        for i, image in enumerate(images):
+            split = "train" if i < 10 else "val"
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            image.save(root / split / label / f"{label}_{i}.png")
+    original = Image.open(root / "train" / "scenes" / "scenes_0.png")
+    buffer = io.BytesIO()
+    original.resize((248, 248)).save(buffer, format="JPEG", quality=95)  # resized and recompressed
+    (root / "val" / "scenes" / "copy_of_scenes_0.jpg").write_bytes(buffer.getvalue())
+    Image.new("RGB", (SIZE, SIZE), (128, 128, 128)).save(root / "train" / "scenes" / "flat.png")
+    _crops("gravel", 1, np.random.default_rng(7))[0].save(root / "train" / "scenes" / "mislabelled.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def inspected(data, tmp_path_factory):
+    from headstart.cli import main
+
+    out = tmp_path_factory.mktemp("inspect-out")
+    stdout = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(stdout):
+        code = main(["inspect", str(data), "--out", str(out / "found"), "--fix", str(data.parent / "fixed.csv"),
+                     "--cache-dir", str(out / "cache"), "--workers", "0", "--json", "-q"])
+    assert code == 0
+    return json.loads(stdout.getvalue()), out
+
+
+def test_json_has_every_finding(inspected):
+    found, _ = inspected
+    assert {"label_issues", "near_duplicates", "outliers", "classes", "exact_duplicates"} <= set(found)
+    assert set(found["classes"]) == {"scenes", "textures"}
+    assert all({"count", "cv_accuracy", "confused_with"} <= set(c) for c in found["classes"].values())
+    assert all({"path", "given", "suggested", "confidence"} <= set(t) for t in found["label_issues"])
+
+
+def test_the_texture_filed_under_scenes_is_a_label_issue(inspected):
+    found, _ = inspected
+    issues = {Path(t["path"]).name: t for t in found["label_issues"]}
+    assert issues["mislabelled.png"]["given"] == "scenes" and issues["mislabelled.png"]["suggested"] == "textures"
+
+
+def test_a_resized_recompressed_copy_across_train_and_val_is_leakage(inspected):
+    found, _ = inspected
+    pairs = {frozenset((Path(d["a"]).name, Path(d["b"]).name)): d for d in found["near_duplicates"]}
+    planted = pairs[frozenset(("scenes_0.png", "copy_of_scenes_0.jpg"))]
+    assert planted["across_splits"] and planted["similarity"] >= found["near_duplicate_threshold"]
+
+
+def test_the_flat_image_is_the_first_outlier(inspected):
+    found, _ = inspected
+    assert Path(found["outliers"][0]["path"]).name == "flat.png"
+
+
+def test_the_page_and_files_are_written(inspected):
+    found, _ = inspected
+    page = Path(found["files"]["html"]).read_text(encoding="utf-8")
+    assert "mislabelled.png" in page and "<script" not in page and 'id="leakage"' in page
+    rows = Path(found["files"]["csv"]).read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("kind,path") and any(r.startswith(("outlier,", "far,")) for r in rows)
+
+
+def test_the_fix_manifest_trains(inspected, data, tmp_path, run_cli):
+    found, out = inspected
+    fix = found["fix"]
+    assert fix["relabelled"] + fix["dropped"] == len(found["label_issues"])
+    manifest = Path(fix["manifest"])
+    rows = manifest.read_text(encoding="utf-8").splitlines()
+    assert "train/scenes/mislabelled.png,scenes" not in rows  # relabelled or left out
+    code, _, err = run_cli("train", manifest, "--out", tmp_path / "run", "--cache-dir", out / "cache",
+                           "--workers", "0", "--select", "none", "-q")
+    assert code == 0, err
+
+
+def test_class_names_are_escaped_in_the_page(tmp_path):
+    hostile = "<script>alert(1)</script>"
+    findings = {"data": f"data/{hostile}", "n_images": 2, "setting": hostile, "near_duplicate_threshold": 0.93,
+                "label_issues": [{"path": f"{hostile}.png", "given": hostile, "suggested": "b", "confidence": 0.9}],
+                "near_duplicates": [], "exact_duplicates": [], "outliers": [],
+                "classes": {hostile: {"count": 1, "cv_accuracy": 1.0, "confused_with": []}}}
+    page = Path(write_findings(findings, tmp_path)["html"]).read_text(encoding="utf-8")
+    assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_confident_learning_finds_flipped_labels():
+    rng = np.random.default_rng(0)
+    n, k = 600, 3
+    true = rng.integers(0, k, n)
+    logits = rng.normal(0, 1, (n, k)) + 3.5 * np.eye(k)[true]
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    given = true.copy()
+    flipped = rng.choice(n, 30, replace=False)
+    given[flipped] = (given[flipped] + 1) % k
+    found = {t.index for t in find_label_issues(proba, given)}
+    hits = len(found & set(flipped.tolist()))
+    assert hits / len(flipped) >= 0.8 and hits / len(found) >= 0.8
+    assert find_label_issues(np.eye(k)[true] * 0.98 + 0.01, true) == []  # clean labels: nothing flagged
+
+
+def test_the_evaluation_report_links_the_findings(inspected, data, tmp_path, run_cli):
+    found, out = inspected
+    code, _, err = run_cli("train", data, "--out", tmp_path / "run", "--cache-dir", out / "cache", "--workers", "0",
+                           "--select", "none", "-q")
+    assert code == 0, err
+    code, _, err = run_cli("evaluate", tmp_path / "run", data, "--report", tmp_path / "r.html", "--cache-dir",
+                           out / "cache", "--workers", "0", "-q")
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert code == 0 and "inspection findings" in page and Path(found["files"]["html"]).name in page, err
