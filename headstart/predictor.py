@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -73,6 +74,7 @@ class _Member:
     logits: Callable[[torch.Tensor], torch.Tensor]  # float32 features -> logits, the head's classes' order
     classes: list[Any]
     weight: float
+    description: str = ""  # e.g. "tf_efficientnet_lite0: openvino bf16 on cpu"
 
 
 class Predictor:
@@ -93,6 +95,13 @@ class Predictor:
     @property
     def class_names(self) -> list[str]:
         return self.run.class_names
+
+    @property
+    def forward(self) -> str:
+        """What computes the probabilities, e.g. ``tf_efficientnet_lite0: openvino bf16 on cpu``."""
+        if self.engine == "onnx":
+            return f"onnxruntime {self.onnx.version} (CPU, fp32 graph) on {self.onnx.path.name}"
+        return "; ".join(m.description for m in self.members)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str] | AnyRun, *, engine: str = "torch", device: str | None = None,
@@ -214,33 +223,38 @@ def _torch_predictor(run: AnyRun, device: str | None, cache_dir: str | os.PathLi
             if key not in keys:
                 keys.append(key)
                 views.append(clean_view(bb.data_config))  # the clean view predict computes, JPEG draft included
-            forward = _forward(bb, member.info["preprocessing"]["precision"], target, cache.root / "engines")
+            forward, how = _forward(bb, member.info["preprocessing"]["precision"], target, cache.root / "engines")
             members.append(_Member(keys.index(key), forward, member.head.logit_function(),
-                                   list(member.head.classes_), float(weight)))
+                                   list(member.head.classes_), float(weight), f"{bb.name}: {how}"))
     return Predictor(run, "torch", views, members)
 
 
-def _forward(backbone: Any, precision: str, device: torch.device, engine_dir: Path) -> Callable[..., np.ndarray]:
-    """``batch -> (n, dim)`` float32 features in the run's engine and precision (as extraction runs them)."""
+def _forward(backbone: Any, precision: str, device: torch.device,
+             engine_dir: Path) -> tuple[Callable[..., np.ndarray], str]:
+    """``batch -> (n, dim)`` float32 features in the run's engine and precision (as extraction runs them),
+    and what runs them, e.g. ``openvino bf16 on cpu``."""
     from .engines import openvino_forward, resolve_engine
     from .features import forward_batch
     from .preprocess import resolve_precision
 
     precision = resolve_precision(precision, device)
     if resolve_engine(backbone.engine, device, precision) == "openvino":
-        return openvino_forward(backbone, precision, engine_dir)
+        return openvino_forward(backbone, precision, engine_dir), f"openvino {precision} on cpu"
     model = backbone.model.to(device).eval()
     model.to(memory_format=torch.channels_last)
-    return lambda batch: forward_batch(backbone, batch, device, precision)
+    return (lambda batch: forward_batch(backbone, batch, device, precision)), f"torch {precision} on {device}"
 
 
 class _OnnxSession:
     """The exported graph in ONNX Runtime (CPU): uint8 ``(n, 3, H, W)`` -> probabilities."""
 
     def __init__(self, path: Path, run: AnyRun) -> None:
-        import onnxruntime as ort
+        import onnxruntime
 
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        from .export import onnx_session
+
+        self.path, self.version = path, onnxruntime.__version__
+        self.session = onnx_session(path)
         self.input_name = self.session.get_inputs()[0].name
         self.input_spec = _input_spec(path, self.session, members_of(run)[0])
         classes = self.session.get_modelmeta().custom_metadata_map.get(CLASSES_KEY)
@@ -269,11 +283,8 @@ def _input_spec(path: Path, session: Any, member: Run) -> dict[str, Any]:
 
 def _onnx_predictor(run: AnyRun, path: Path) -> Predictor:
     """The ONNX engine: the graph at ``path`` must exist (``headstart export RUN --format onnx``)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UsageError("engine 'onnx' needs ONNX Runtime: pip install 'headstart[export]' "
-                         "(or use --engine torch)") from None
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise UsageError("engine 'onnx' needs ONNX Runtime: pip install 'headstart[export]' (or use --engine torch)")
     if not path.is_file():
         raise UsageError(f"engine 'onnx' needs the exported graph '{path}', which does not exist; "
                          f"export it with 'headstart export {run.path} --format onnx' (or use --engine torch)")

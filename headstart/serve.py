@@ -261,7 +261,7 @@ def create_app(predictor: Predictor, settings: ServeSettings, *, card: dict[str,
     @app.get("/metadata", summary="classes, limits and the model card")
     async def metadata() -> dict[str, Any]:
         return {"run": predictor.run.path.name, "classes": predictor.class_names, "engine": predictor.engine,
-                "limits": {"max_bytes": settings.max_bytes, "max_pixels": _max_pixels(),
+                "forward": predictor.forward, "limits": {"max_bytes": settings.max_bytes, "max_pixels": _max_pixels(),
                            "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms},
                 "model_card": card}
 
@@ -324,7 +324,8 @@ class _State:
     def health(self) -> dict[str, Any]:
         stats = self.batcher.stats if self.batcher else BatchStats()
         return {"status": "ok", "run": self.predictor.run.path.name, "engine": self.predictor.engine,
-                "classes": len(self.predictor.class_names), "requests": self.requests, "errors": self.errors,
+                "forward": self.predictor.forward, "classes": len(self.predictor.class_names),
+                "requests": self.requests, "errors": self.errors,
                 "batches": stats.batches, "images_scored": stats.images, "largest_batch": stats.largest,
                 "mean_batch": round(stats.images / stats.batches, 2) if stats.batches else 0.0,
                 "queued": self.batcher.queued if self.batcher else 0,

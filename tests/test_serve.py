@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import signal
@@ -248,3 +249,49 @@ def test_batcher_batches_and_loses_nothing():
     rows, late = asyncio.run(main())
     assert [row[0] for row in rows] == [i / 100 for i in range(50)]
     assert late[0] == 0.5 and max(sizes) <= 8 and sum(sizes) == 51 and len(sizes) < 51
+
+
+def _tiny_graph(path: Path, classes: list[str], spec: dict) -> Path:
+    """An ONNX graph with the exported graphs' interface: uint8 N x 3 x H x W -> softmax(mean colour @ W)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    weight = np.array([[1.0, -1.0], [0.0, 0.5], [-1.0, 1.0]], dtype=np.float32) / 50
+    h, w = spec["size"]
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["z"]),
+         helper.make_node("Softmax", ["z"], ["probabilities"], axis=1)],
+        "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, h, w])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    helper.set_model_props(model, {"headstart.classes": json.dumps(classes), "headstart.input": json.dumps(spec)})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_engine_feeds_the_graph_the_reference_preprocessing(served_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("headstart.export")
+    onnx_input = pytest.importorskip("headstart.onnx_input")
+    from headstart.data import ImageDecodeError
+    from headstart.predictor import Predictor
+
+    run = headstart.load_run(served_run[0])
+    spec = onnx_input.input_spec(run.info["data_config"])
+    graph = _tiny_graph(tmp_path / "tiny.onnx", run.class_names, spec)
+    predictor = Predictor.load(run, engine="onnx", onnx_path=graph)
+    photo = served_run[2][0]
+    got = predictor.predict_bytes([photo.read_bytes()])
+    x = onnx_input.prepare_image(photo, spec).astype(np.float64).mean(axis=(1, 2)) @ (
+        np.array([[1.0, -1.0], [0.0, 0.5], [-1.0, 1.0]]) / 50)
+    expected = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    assert np.allclose(got[0], expected, atol=1e-6)
+    with pytest.raises(ImageDecodeError, match="image too large"):
+        predictor.prepare(png_bomb(), "bomb.png")
+    with pytest.raises(headstart.UsageError, match="predicts the classes"):
+        Predictor.load(run, engine="onnx", onnx_path=_tiny_graph(tmp_path / "other.onnx", ["x", "y"], spec))
+    with pytest.raises(headstart.UsageError, match="headstart export"):
+        Predictor.load(run, engine="onnx", onnx_path=tmp_path / "missing.onnx")

@@ -62,7 +62,7 @@ def _serve(args: argparse.Namespace, settings: Any, sock: Any) -> int:
         f"batches of up to {settings.max_batch}, {settings.max_wait_ms:g} ms wait"
 
     def ready() -> None:
-        _say(f"serving '{Path(args.run).name}' ({len(names)} classes, engine {predictor.engine}, {batching}) on "
+        _say(f"serving '{Path(args.run).name}' ({len(names)} classes; {predictor.forward}; {batching}) on "
              f"{url}: POST /predict, GET /health, GET /metadata, docs at {url}/docs; Ctrl-C to stop")
 
     serve(predictor, settings, sock, card=card, on_ready=ready)
@@ -81,16 +81,13 @@ def _onnx_path(args: argparse.Namespace) -> Path | None:
 
 
 def _export(run: Path, path: Path) -> None:
-    """Export ``run`` to ``path`` with ``headstart export``'s defaults (verified, model card beside it)."""
-    from ..errors import UsageError
+    """Export ``run`` to ``path`` as ``headstart export RUN --format onnx`` does (verified before it is kept)."""
+    from ..export import export
 
-    if importlib.util.find_spec("headstart.export") is None:
-        raise UsageError(f"--engine onnx needs '{path}', and this headstart cannot export; "
-                         f"run 'headstart export {run} --format onnx --out {path}' first, or use --engine torch")
-    from .. import export
-
-    _say(f"{path} is missing; exporting the run first")
-    export.export_run(run, path)
+    _say(f"{path} is missing; exporting the run first (headstart export {run} --format onnx)")
+    result = export(run, path, format="onnx")
+    _say(f"exported {path} ({result['bytes'] / 2**20:.1f} MiB), checked against headstart on "
+         f"{result['verification'].get('n_images', 'the')} images")
 
 
 def _card(predictor: Any) -> dict[str, Any]:
