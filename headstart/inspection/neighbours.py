@@ -1,8 +1,8 @@
 """Near-duplicates and outliers from the cached features, by cosine similarity, block by block.
 
-The rows are L2-normalised once; similarities are computed ``BLOCK`` rows against all rows at a time
-(one float32 ``BLOCK x n`` matrix, never ``n x n``), so 100,000 images need ~0.8 GB per block
-at most and every pair is seen once. From each block come the pairs at or above the threshold and
+The rows are L2-normalised once; similarities are computed a block of rows against all rows at a time
+(one float32 ``block x n`` matrix of at most ``BLOCK_BYTES``, never ``n x n``), so 100,000 images need
+~256 MB for it. From each block come the pairs at or above the threshold and
 each row's ``k`` nearest neighbours (the outlier score is the mean cosine distance to them).
 """
 
@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BLOCK = 2048
+BLOCK = 2048  # rows per block at most ...
+BLOCK_BYTES = 256 << 20  # ... and fewer when n is large
+
+
+def block_rows(n: int) -> int:
+    """Rows per block for ``n`` images: a ``block x n`` float32 matrix within ``BLOCK_BYTES``."""
+    return max(16, min(BLOCK, BLOCK_BYTES // (4 * max(n, 1))))
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,9 @@ def neighbours(x: np.ndarray, threshold: float, k: int = 5, same: Sequence[objec
     pairs: list[tuple[int, int, float]] = []
     knn = np.zeros(n, dtype=np.float64)
     k_eff = max(0, min(k, n - 1))
-    for start in range(0, n, BLOCK):
-        stop = min(n, start + BLOCK)
+    step = block_rows(n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
         sims = unit[start:stop] @ unit.T  # (block, n)
         rows = torch.arange(stop - start)
         sims[rows, rows + start] = -2.0  # not its own neighbour
