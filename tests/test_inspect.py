@@ -149,3 +149,20 @@ def test_the_evaluation_report_links_the_findings(inspected, data, tmp_path, run
                            out / "cache", "--workers", "0", "-q")
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert code == 0 and "inspection findings" in page and Path(found["files"]["html"]).name in page, err
+
+
+def test_a_large_set_is_ranked_on_a_sample_and_cross_fitted_on_every_image():
+    from headstart.inspection.findings import cross_fit, group_folds
+    from headstart.selection import Grid, select_head
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 200)
+    x = (rng.normal(0, 1, (600, 16)) + 2.0 * np.eye(3, 16)[y]).astype(np.float32)
+    groups = [f"g{i // 2}" for i in range(600)]  # pairs of identical files
+    selection = select_head(x, y, grid=Grid(max_images=150, source=("pooled",), mlp=()), groups=groups)
+    assert selection.sample is not None
+    oof = cross_fit(selection, x, y, groups, 0, None)
+    assert oof.shape == (600, 3) and np.allclose(oof.sum(1), 1) and (oof.argmax(1) == y).mean() > 0.8
+    folds = group_folds(y, groups, 5, 0)
+    assert all(folds[i] == folds[i + 1] for i in range(0, 600, 2))  # a group stays in one fold
+    assert {int((folds[y == c] == f).sum()) for c in range(3) for f in range(5)} == {40}  # stratified
