@@ -39,7 +39,15 @@ import numpy as np
 from PIL import Image
 
 from headstart.inspection.confident import find_label_issues
-from headstart.inspection.findings import NEAR_DUPLICATE, Inspected, _load, classes, label_issues, similar
+from headstart.inspection.findings import (
+    NEAR_DUPLICATE,
+    Inspected,
+    _load,
+    classes,
+    label_issues,
+    out_of_fold,
+    similar,
+)
 from headstart.inspection.neighbours import normalise
 from headstart.selection import Grid, select_head
 
@@ -136,8 +144,7 @@ def timing(seen: Inspected, n: int) -> float:
                                                                               seen.features.shape[1])))[:n]
                     .astype(np.float32), np.zeros((n, len(seen.class_names))), seen.setting, [])
     start = time.perf_counter()
-    big.oof = select_head(big.features, big.labels, grid=Grid(max_images=None, source=("pooled",)),
-                          groups=big.keys).oof_proba
+    big.oof, _ = out_of_fold(big.features, big.labels, big.keys, Grid(source=("pooled",)), 5, 0, None)
     label_issues(big)
     similar(big, NEAR_DUPLICATE)
     classes(big)

@@ -25,7 +25,7 @@ from ..cache import FeatureCache
 from ..data import load_images
 from ..errors import DataError
 from ..features import extract_features
-from ..selection import DEFAULT_FOLDS, Selection, fit_candidate, grid_with_classifier, select_head
+from ..selection import DEFAULT_FOLDS, Grid, Selection, fit_candidate, grid_with_classifier, select_head
 from ..sources import Classifier
 from .confident import find_label_issues
 from .neighbours import neighbours
@@ -83,11 +83,18 @@ def _load(data: str | os.PathLike[str], backbone: str, weights: str, cache_dir: 
     if len(np.unique(labels[ok])) < 2:
         raise DataError(f"'{data}' has fewer than 2 classes with usable images; inspect needs labelled classes")
     x, y, groups = result.features[ok], labels[ok], [keys[i] for i in ok]
+    oof, setting = out_of_fold(x, y, groups, grid, folds, seed, classifier, progress)
+    return Inspected([paths[i] for i in ok], y, [split[i] for i in ok], names, groups, x, oof, setting, bad)
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, groups: Sequence[str], grid: Grid, folds: int, seed: int,
+                classifier: Classifier | None, progress: bool = False) -> tuple[np.ndarray, str]:
+    """(out-of-fold probabilities of every image, the setting): the selection's winner, cross-fitted on
+    every image when it was ranked on a sample."""
     selection = select_head(x, y, grid=grid, folds=folds, groups=groups, seed=seed, classifier=classifier,
                             progress=progress)
     oof = selection.oof_proba if selection.sample is None else cross_fit(selection, x, y, groups, seed, classifier)
-    return Inspected([paths[i] for i in ok], y, [split[i] for i in ok], names, groups, x, oof,
-                     selection.best.name, bad)
+    return oof, selection.best.name
 
 
 def cross_fit(selection: Selection, x: np.ndarray, y: np.ndarray, groups: Sequence[str], seed: int,
