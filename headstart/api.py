@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import distributed
 from ._constants import ENGINES
 from ._validation import (
     check_batch_size,
@@ -58,28 +59,46 @@ def extract(
     """Pre-compute and cache the features of every image in ``data`` (``headstart features``).
 
     ``engine``: what runs the forward (``auto``, ``torch``, ``openvino``; :mod:`headstart.engines`).
+
+    Under ``torchrun`` each rank computes its share of the images by content hash
+    (:func:`headstart.distributed.my_share`) into the shared cache; every rank returns the summed
+    counts (``ranks`` lists each rank's), and only rank 0 shows progress.
     """
     check_reading(batch_size, num_workers, None if isinstance(backbone, Backbone) else weights)
     check_precision(precision, "precision (--precision)")
     check_choice(engine, ENGINES, "engine (--engine)")
     loaded = load_images(data, val_split=0, min_classes=1)  # a train/ + val/ tree still yields both parts
     paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
-    bad, computed, cached, seconds = [b.to_dict() for b in loaded.bad_files], 0, 0, 0.0
-    chunks = range(0, max(1, len(paths)), EXTRACT_CHUNK)
+    bad, computed, cached, seconds = [], 0, 0, 0.0
     with FeatureCache(cache_dir) as cache:
         bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights, memo=cache)
-        for n, start in enumerate(chunks, 1):  # nothing per image outlives its chunk: memory stays flat
-            result = extract_features(bb, paths[start:start + EXTRACT_CHUNK], cache=cache, precision=precision,
+        start = time.perf_counter()
+        mine = [paths[i] for i in distributed.my_share(cache, paths)]  # every path without torchrun
+        progress = progress and distributed.is_main()
+        chunks = range(0, max(1, len(mine)), EXTRACT_CHUNK)
+        for n, first in enumerate(chunks, 1):  # nothing per image outlives its chunk: memory stays flat
+            result = extract_features(bb, mine[first:first + EXTRACT_CHUNK], cache=cache, precision=precision,
                                       batch_size=batch_size, num_workers=num_workers, progress=progress,
                                       engine=engine, load=False,
                                       desc="features" if len(chunks) == 1 else f"features {n}/{len(chunks)}")
             bad += [b.to_dict() for b in result.bad_files]
             computed, cached, seconds = computed + result.n_computed, cached + result.n_cached, seconds + result.seconds
         root = str(cache.root)
-    return {"n_images": len(paths), "n_computed": computed, "n_cached": cached, "n_bad": len(bad), "bad_files": bad,
-            "seconds": round(seconds, 3), "images_per_second": round(len(paths) / seconds, 2) if seconds else 0.0,
-            "backbone": bb.name, "weights_digest": bb.weights_digest, "engine": result.engine,
-            "precision": result.precision, "cache_dir": root}
+    ranks = None
+    if distributed.active():  # the ranks' counts, summed; the wall time of the slowest
+        ranks = distributed.all_gather_json({"rank": distributed.rank(), "n_images": len(mine), "n_computed": computed,
+                                             "n_cached": cached, "seconds": round(time.perf_counter() - start, 3),
+                                             "bad_files": bad})
+        computed, cached = sum(r["n_computed"] for r in ranks), sum(r["n_cached"] for r in ranks)
+        seconds, bad = max(r["seconds"] for r in ranks), [b for r in ranks for b in r.pop("bad_files")]
+    bad = [b.to_dict() for b in loaded.bad_files] + bad
+    out = {"n_images": len(paths), "n_computed": computed, "n_cached": cached, "n_bad": len(bad), "bad_files": bad,
+           "seconds": round(seconds, 3), "images_per_second": round(len(paths) / seconds, 2) if seconds else 0.0,
+           "backbone": bb.name, "weights_digest": bb.weights_digest, "engine": result.engine,
+           "precision": result.precision, "cache_dir": root}
+    if ranks is not None:
+        out["ranks"] = ranks
+    return out
 
 
 def check_reading(batch_size: Any, num_workers: Any, weights: Any = None, tta: str = "none",

@@ -135,6 +135,7 @@ def check_train_flags(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..api import TrainConfig, train
 
     check_train_flags(args)
@@ -146,7 +147,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                          augment=args.augment, aug_views=args.aug_views, aug_params=parse_aug_params(args.aug_param),
                          freeze=args.freeze, budget=args.budget, resume=args.resume, ensemble=args.ensemble,
                          finetune=_finetune_params(args) if args.freeze != "all" else {})
-    run = train(args.data, args.out, config, progress=not args.quiet)
+    with distributed.session():  # under torchrun: rank 0 alone prints and writes the run
+        run = train(args.data, args.out, config, progress=not args.quiet)
+        if not distributed.is_main() or run is None:
+            return EXIT_OK
     summary = {"run": str(run.path), "class_names": run.class_names, **run.metrics}
     leaks = run.info.get("data", {}).get("identical_in_train_and_val")
     if leaks:
@@ -263,11 +267,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..api import extract
 
-    result = extract(args.data, backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
-                     precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-                     progress=not args.quiet, engine=args.engine)
+    with distributed.session():  # under torchrun: each rank its share; rank 0 alone prints the summary
+        result = extract(args.data, backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
+                         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
+                         progress=not args.quiet, engine=args.engine)
+        if not distributed.is_main():
+            return EXIT_OK
     if args.json:
         _print_json(result)
     else:
