@@ -18,8 +18,9 @@ How a request flows: its body is read up to ``max_bytes`` (more: 413); the image
 preprocessed in a worker thread (:meth:`~headstart.predictor.Predictor.prepare`: bad bytes are a 4xx JSON
 error naming what was wrong, a decompression bomb is refused from its header with 413); the tensor
 joins an asyncio queue; one *batcher* task takes up to ``max_batch`` queued images, waiting at most
-``max_wait_ms`` after the first for others, runs the network on them in its one forward thread and
-resolves each request's future with its row. Every error is ``{"error": "..."}`` with a 4xx/5xx status;
+``max_wait_ms`` after the first for others (only while other requests' images are being decoded, so a
+lone request never waits), runs the network on them in its one forward thread and resolves each
+request's future with its row. Every error is ``{"error": "..."}`` with a 4xx/5xx status;
 nothing a client sends stops the server. One log line per request on stderr (time, client, method,
 path, status, milliseconds) unless ``quiet``.
 
@@ -116,13 +117,17 @@ class Batcher:
     The task takes the first queued image, then whatever else arrives within ``max_wait_s`` (up to
     ``max_batch``), and runs ``score`` on the batch in its single forward thread, so the network never
     runs twice at once and the event loop keeps accepting requests meanwhile. Images that queued while
-    a batch was running go together in the next one without waiting.
+    a batch was running go together in the next one without waiting. It waits only while ``on_the_way()``
+    says that more images are being decoded: a lone request is never held back for company that is not
+    coming (with one client, batching costs no latency).
     """
 
-    def __init__(self, score: Callable[[list[Prepared]], np.ndarray], max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, score: Callable[[list[Prepared]], np.ndarray], max_batch: int, max_wait_s: float,
+                 on_the_way: Callable[[], int] | None = None) -> None:
         self.score = score
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.on_the_way = on_the_way or (lambda: 1)
         self.stats = BatchStats()
         self._queue: asyncio.Queue[tuple[Prepared, asyncio.Future[np.ndarray]]] = asyncio.Queue()
         self._pending_get: asyncio.Task[Any] | None = None
@@ -159,7 +164,8 @@ class Batcher:
             batch = [await self._next(None)]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch:
-                entry = await self._next(max(0.0, deadline - loop.time()))
+                wait = max(0.0, deadline - loop.time()) if self.on_the_way() > 0 else 0.0
+                entry = await self._next(wait)
                 if entry is None:
                     break
                 batch.append(entry)
@@ -172,6 +178,9 @@ class Batcher:
         next call, never cancelled, so no entry is ever lost between a wake-up and a timeout."""
         if self._pending_get is None and not self._queue.empty():
             return self._queue.get_nowait()
+        if self._pending_get is not None and self._pending_get.done():
+            entry, self._pending_get = self._pending_get.result(), None
+            return entry
         if timeout == 0:
             return None
         if self._pending_get is None:
@@ -224,7 +233,8 @@ def create_app(predictor: Predictor, settings: ServeSettings, *, card: dict[str,
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
-        state.batcher = Batcher(predictor.probabilities, settings.max_batch, settings.max_wait_ms / 1000)
+        state.batcher = Batcher(predictor.probabilities, settings.max_batch, settings.max_wait_ms / 1000,
+                                on_the_way=lambda: state.preparing)
         state.batcher.start()
         watch = asyncio.get_running_loop().create_task(state.watch_idle(stop)) if settings.idle_exit_s else None
         try:
@@ -291,18 +301,22 @@ class _State:
         self.last_request = time.monotonic()
         self.requests = 0
         self.errors = 0
+        self.preparing = 0  # requests whose image is being decoded (the batcher waits only for those)
         self._local = threading.local()
 
     async def predict(self, request: Any, top_k: int) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
 
         data, name = await _read_image(request, self.settings.max_bytes)
+        self.preparing += 1
         try:
             prepared = await run_in_threadpool(self._prepare, data, name)
         except ImageDecodeError as exc:
             raise _ServeError(_decode_status(exc), str(exc)) from None
+        finally:
+            self.preparing -= 1
         assert self.batcher is not None
-        row = await self.batcher.submit(prepared)
+        row = await self.batcher.submit(prepared)  # queued before any await: never between the two counts
         if not np.isfinite(row).all():
             raise _ServeError(422, f"{name}: the backbone gave non-finite features for this image; it cannot be "
                                    "scored")

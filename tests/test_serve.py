@@ -250,6 +250,18 @@ def test_batcher_batches_and_loses_nothing():
     assert [row[0] for row in rows] == [i / 100 for i in range(50)]
     assert late[0] == 0.5 and max(sizes) <= 8 and sum(sizes) == 51 and len(sizes) < 51
 
+    async def alone():  # nothing else on the way: scored at once, not after max_wait
+        batcher = Batcher(score, max_batch=8, max_wait_s=5.0, on_the_way=lambda: 0)
+        batcher.start()
+        try:
+            start = time.perf_counter()
+            await batcher.submit(0.25)
+            return time.perf_counter() - start
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(alone()) < 2.0
+
 
 def _tiny_graph(path: Path, classes: list[str], spec: dict) -> Path:
     """An ONNX graph with the exported graphs' interface: uint8 N x 3 x H x W -> softmax(mean colour @ W)."""
