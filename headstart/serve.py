@@ -50,6 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .data import ImageDecodeError
+from .data.decode import max_pixels
 from .errors import UsageError
 from .predictor import Predictor, Prepared
 
@@ -270,10 +271,7 @@ def create_app(predictor: Predictor, settings: ServeSettings, *, card: dict[str,
 
     @app.get("/metadata", summary="classes, limits and the model card")
     async def metadata() -> dict[str, Any]:
-        return {"run": predictor.run.path.name, "classes": predictor.class_names, "engine": predictor.engine,
-                "forward": predictor.forward, "limits": {"max_bytes": settings.max_bytes, "max_pixels": _max_pixels(),
-                           "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms},
-                "model_card": card}
+        return {**state.describe(), "model_card": card}
 
     return _RequestLog(app, settings.quiet, state)
 
@@ -282,12 +280,6 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string",
                                                                                   "format": "binary"}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-
-
-def _max_pixels() -> int:
-    from .data.decode import max_pixels
-
-    return max_pixels()
 
 
 class _State:
@@ -334,6 +326,14 @@ class _State:
             torch.set_num_threads(1)  # this thread only (OpenMP's setting is per thread)
             self._local.single = True
         return self.predictor.prepare(data, name)
+
+    def describe(self) -> dict[str, Any]:
+        """The run, its classes, what computes them, and the limits (``/metadata`` less the card)."""
+        settings = self.settings
+        return {"run": self.predictor.run.path.name, "classes": self.predictor.class_names,
+                "engine": self.predictor.engine, "forward": self.predictor.forward,
+                "limits": {"max_bytes": settings.max_bytes, "max_pixels": max_pixels(),
+                           "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms}}
 
     def health(self) -> dict[str, Any]:
         stats = self.batcher.stats if self.batcher else BatchStats()

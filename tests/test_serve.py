@@ -286,7 +286,6 @@ def _tiny_graph(path: Path, classes: list[str], spec: dict) -> Path:
 
 def test_onnx_engine_feeds_the_graph_the_reference_preprocessing(served_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("headstart.export")
     onnx_input = pytest.importorskip("headstart.onnx_input")
     from headstart.data import ImageDecodeError
     from headstart.predictor import Predictor
