@@ -93,13 +93,13 @@ def model_card(run: AnyRun | str | os.PathLike[str], export_info: dict[str, Any]
         "classes": run.class_names,
         "backbone": [_backbone(m) for m in members],
         "preprocessing": _preprocessing(members[0]),
-        "intended_input": _intended_input(run, members[0]),
+        "intended_input": _intended_input(run, members[0], (export_info or {}).get("input")),
         "training_data": [_training_data(m) for m in members],
         "selection": [_selection(m) for m in members],
         "metrics": _metrics(run),
         "calibration": _calibration(run, export_info),
         "tta_ensemble": _tta_ensemble(run, export_info),
-        "reference_preprocessing": _reference_snippet(members[0]),
+        "reference_preprocessing": _reference_snippet(members[0], (export_info or {}).get("input")),
         "export": export_info,
         "versions": _versions(run),
     }
@@ -212,14 +212,21 @@ def _preprocessing(member: Run) -> dict[str, Any]:
             "timm": pre.get("timm")}
 
 
-def _intended_input(run: AnyRun, member: Run) -> dict[str, Any]:
+def _intended_input(run: AnyRun, member: Run, spec: dict[str, Any] | None) -> dict[str, Any]:
+    """What to send: the images, their formats and size limit, the exported graph's input (``spec``: the
+    export's input spec, when it was given) and the output."""
     size = member.info["data_config"]["input_size"]
+    if spec and not spec.get("crop", True):  # --tta 10crop: the graph cuts its crops itself
+        graph = (f"uint8 N x 3 x H x W, the whole image resized so its shorter side is {min(spec['resize'])} "
+                 "(one shape per batch; the graph cuts its crops; mean/std are inside the graph)")
+    else:
+        graph = (f"uint8 N x 3 x {size[1]} x {size[2]} (RGB, resized and centre-cropped as the reference "
+                 "preprocessing does; mean/std are inside the graph)")
     return {"images": f"photos like the training images, each of one of the {len(run.class_names)} classes "
                       f"{', '.join(run.class_names)}; anything else is still given one of these classes",
             "formats": "any format Pillow reads (JPEG, PNG, WebP, TIFF, BMP, GIF: first frame); any mode",
             "max_pixels": max_pixels(), "max_pixels_setting": f"${MAX_PIXELS_ENV}",
-            "onnx_input": f"uint8 N x 3 x {size[1]} x {size[2]} (RGB, resized and centre-cropped as the reference "
-                          "preprocessing does; mean/std are inside the graph)",
+            "onnx_input": graph,
             "output": f"N x {len(run.class_names)} probabilities, columns in the order of 'classes'"}
 
 
@@ -312,9 +319,9 @@ def _tta_ensemble(run: AnyRun, export_info: dict[str, Any] | None) -> dict[str, 
             "averaging": "weighted mean of the members' probabilities" if len(members) > 1 else "single model"}
 
 
-def _reference_snippet(member: Run) -> dict[str, Any]:
-    """``headstart.onnx_input.prepare_image`` quoted with the imports and constants it needs, and the run's
-    input spec, so that the exported graph can be fed without headstart."""
+def _reference_snippet(member: Run, exported: dict[str, Any] | None) -> dict[str, Any]:
+    """``headstart.onnx_input.prepare_image`` quoted with the imports and constants it needs, and the input
+    spec (the export's, else the run's), so that the exported graph can be fed without headstart."""
     name = "headstart.onnx_input.prepare_image"
     if importlib.util.find_spec("headstart.onnx_input") is None:
         return {"function": name, "source": None, "spec": None,
@@ -322,7 +329,7 @@ def _reference_snippet(member: Run) -> dict[str, Any]:
     from . import onnx_input
 
     try:
-        spec: Any = onnx_input.input_spec(member.info["data_config"])
+        spec: Any = exported or onnx_input.input_spec(member.info["data_config"])
     except ValueError as exc:
         spec = None
         note = f"this run's preprocessing has no reference snippet ({exc})"

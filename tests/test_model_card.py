@@ -96,3 +96,13 @@ def test_cards_are_rewritten_whole(trained, tmp_path):
     write_model_card(trained[1], tmp_path, {"file": "model.onnx"})
     assert json.loads((tmp_path / CARD_JSON).read_text())["export"] == {"file": "model.onnx"} != first["export"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CARD_MD, CARD_JSON])  # no temporary file left
+
+
+def test_a_graph_that_crops_itself_is_described_so(trained):
+    spec = {"size": [224, 224], "resize": [256, 256], "crop_mode": "center", "crop": False,
+            "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "layout": "NCHW", "dtype": "uint8"}
+    card = model_card(trained[1], {"file": "model.onnx", "tta": "10crop", "input": spec})
+    assert "shorter side is 256" in card["intended_input"]["onnx_input"]
+    assert card["tta_ensemble"]["tta"] == "10crop"
+    if card["reference_preprocessing"]["source"]:
+        assert card["reference_preprocessing"]["spec"] == spec
