@@ -22,7 +22,6 @@ import time
 import zlib
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from conftest import ANTS_BEES, make_tree
@@ -30,7 +29,10 @@ from PIL import Image
 
 import headstart
 from headstart.predictor import PREDICT_TOLERANCE
-from headstart.serve import Batcher, latency_summary
+
+httpx = pytest.importorskip("httpx", reason="pip install 'headstart[test]'")
+pytest.importorskip("fastapi", reason="pip install 'headstart[serve]'")
+from headstart.serve import Batcher, latency_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, CHECK_PER_CLASS = 12, 4
