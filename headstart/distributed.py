@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .errors import UsageError
 
+_BN_GROUP: Any = None  # the batch-norm statistics' own process group (apart from DDP's gradient reduction)
 TIMEOUT_ENV = "HEADSTART_DIST_TIMEOUT_MINUTES"  # how long a rank waits for the others at a collective
 DEFAULT_TIMEOUT_MINUTES = 60.0
 
@@ -89,9 +90,12 @@ def session() -> Iterator[bool]:
     # an elastic restart reuses the agent's store: the attempt number keeps the last attempt's addresses out
     store = dist.PrefixStore(f"headstart/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend(), store=store, rank=me, world_size=n, timeout=timeout)
+    global _BN_GROUP
+    _BN_GROUP = dist.new_group()
     try:
         yield True
     finally:
+        _BN_GROUP = None
         dist.destroy_process_group()
 
 
@@ -179,3 +183,72 @@ def _timeout_minutes() -> float:
     if not minutes > 0:
         raise UsageError(f"${TIMEOUT_ENV} is {value!r}; expected minutes > 0 (default {DEFAULT_TIMEOUT_MINUTES:g})")
     return minutes
+
+
+@contextlib.contextmanager
+def global_batch_norm() -> Iterator[None]:
+    """Batch norm in training mode normalises by the statistics of the *global* batch (every rank's part)
+    inside the block, so a step equals one process's on the whole batch; running statistics too.
+
+    ``torch.nn.SyncBatchNorm`` does this on GPUs only; this works on any device by standing in for
+    ``torch.nn.functional.batch_norm``, which ``nn.BatchNorm2d`` and timm's ``BatchNormAct2d`` call.
+    Without a process group nothing changes.
+    """
+    import torch.nn.functional as F
+
+    if not active():
+        yield
+        return
+    original = F.batch_norm
+
+    def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+        if not training:
+            return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _global_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps)
+
+    F.batch_norm = batch_norm
+    try:
+        yield
+    finally:
+        F.batch_norm = original
+
+
+def _global_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                       weight: torch.Tensor | None, bias: torch.Tensor | None, momentum: float,
+                       eps: float) -> torch.Tensor:
+    """Two passes over the global batch (mean, then the centred squares), each one differentiable all-reduce."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xf = x.float()
+    count = torch.tensor([x.numel() // max(1, x.shape[1])], dtype=torch.float64, device=x.device)
+    sums = _all_reduce(torch.cat([xf.sum(dims, dtype=torch.float64), count]))  # float64 sums: no rounding drift
+    total = sums[-1]
+    mean = (sums[:-1] / total).float()
+    centred = xf - mean.view(shape)
+    var = (_all_reduce((centred * centred).sum(dims, dtype=torch.float64)) / total).float()
+    out = centred * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            unbiased = var.detach() * float(total / torch.clamp(total - 1, min=1))
+            running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    return out.to(x.dtype)
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, differentiable (its gradient is the sum of the ranks' gradients)."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():  # deprecated for the functional collectives, which have no autograd on gloo
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return all_reduce(tensor, group=_BN_GROUP)

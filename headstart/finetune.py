@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from ._constants import FREEZE_MODES, OPTIMIZERS
 from ._validation import check_choice
 from .backbones import Backbone
@@ -168,8 +169,9 @@ def finetune(
             :func:`~headstart.finetune_loop.evaluate`).
     """
     cfg.validate()
+    _check_ranks(cfg)
     start_time = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device()  # cuda:LOCAL_RANK under torchrun on GPUs; cuda or cpu otherwise
     precision = resolve_precision(precision, device)
     plan = check_freeze_depth(backbone, n_frozen)
     model = FinetuneModel(plan, n_frozen, len(train_set.class_names), backbone.num_features)
@@ -200,8 +202,16 @@ def _start(checkpoint: Checkpoint, resume: bool, metrics_path: Path, log: Callab
     """The state to train from: the checkpoint's when resuming one with the same settings, else a fresh one."""
     if resume:
         return checkpoint.restore(log) or TrainState()
-    metrics_path.unlink(missing_ok=True)
+    if distributed.is_main():
+        metrics_path.unlink(missing_ok=True)
     return TrainState()
+
+
+def _check_ranks(cfg: FinetuneConfig) -> None:
+    """Under torchrun every rank needs a share of each full batch."""
+    if cfg.batch_size < distributed.world_size():
+        raise UsageError(f"batch_size (--batch-size) {cfg.batch_size} is the global batch, shared by "
+                         f"{distributed.world_size()} processes; give at least {distributed.world_size()}")
 
 
 def _result(loop: Loop, state: TrainState, start_time: float) -> FinetuneResult:
@@ -210,7 +220,7 @@ def _result(loop: Loop, state: TrainState, start_time: float) -> FinetuneResult:
     if state.best_state:
         model.load_state_dict(state.best_state)
     val_proba = None
-    batches = data.scored_validation(loop.cfg.batch_size)
+    batches = data.scored_validation(loop.cfg.batch_size) if distributed.is_main() else None  # rank 0 writes the run
     if batches is not None:
         val_proba = predict(model, batches, loop.device, loop.precision, data.from_cut)[0]
     model.cpu().eval()  # the run is saved and evaluated from the CPU copy

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .backbones import Backbone
 from .cache import FeatureCache, Locations
 from .data import ImageSet
@@ -37,11 +38,16 @@ class CutBatches:
         self.dim = int(np.prod(shape))
 
     def epoch(self, order: np.ndarray, views: np.ndarray, batch_size: int, skip: int = 0,
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+              part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``batch_size`` images in ``order`` from batch ``skip`` on; of each, rank ``part[0]`` of
+        ``part[1]`` gets every ``part[1]``-th image (:func:`rank_batches`), possibly none."""
         for b, start in enumerate(range(0, len(order), batch_size)):
             if b < skip:
                 continue
-            idx = order[start:start + batch_size]
+            idx = order[start:start + batch_size][part[0]::part[1]]
+            if not len(idx):  # a last batch smaller than the number of ranks: this rank's part is empty
+                yield torch.zeros((0, *self.shape)), torch.zeros(0, dtype=torch.int64)
+                continue
             rows = self.cache.read_locations(self.locations.pick(idx, views[idx]), self.dim)
             x = torch.from_numpy(rows).view(len(idx), *self.shape)
             yield x, torch.from_numpy(self.labels[idx])
@@ -73,20 +79,37 @@ class AugmentedImages(torch.utils.data.Dataset):
         return self.transform(image, f"{tag}|{i}"), int(self.labels[i])
 
 
+def rank_batches(order: Sequence[int], batch_size: int, skip: int = 0,
+                 part: tuple[int, int] = (0, 1)) -> list[list[int]]:
+    """The batches of ``order`` from batch ``skip`` on, each cut to rank ``part[0]`` of ``part[1]``'s share:
+    every ``part[1]``-th image from its ``part[0]``-th, as ``DistributedSampler`` deals them; the ranks'
+    shares of a batch make up the one batch a single process trains on."""
+    return [[int(i) for i in order[start:start + batch_size][part[0]::part[1]]]
+            for start in range(skip * batch_size, len(order), batch_size)]
+
+
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields ``(epoch_tag, index)`` in an order set before each epoch (lives in the main process)."""
+    """A batch sampler: yields batches of ``(epoch_tag, index)`` set before each epoch (lives in the main
+    process); a batch may be empty (this rank's share of a small last batch)."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[int, int]] = []
+        self.batches: list[list[tuple[int, int]]] = []
 
-    def set(self, tag: int, order: Sequence[int]) -> None:
-        self.items = [(tag, int(i)) for i in order]
+    def set(self, tag: int, batches: Sequence[Sequence[int]]) -> None:
+        self.batches = [[(tag, int(i)) for i in batch] for batch in batches]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(list(self.items))
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(list(self.batches))
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.batches)
+
+
+def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stacked images and labels; None for an empty batch (the loop makes it a zero-size batch)."""
+    if not items:
+        return None
+    return torch.utils.data.default_collate(items)
 
 
 @dataclass
@@ -106,9 +129,11 @@ class CutData:
     def labels(self) -> np.ndarray:
         return self.train.labels
 
-    def epoch(self, order: np.ndarray, views: np.ndarray, batch_size: int, skip: int, tag: int) -> Batches:
-        """One epoch's batches in ``order`` (view ``views[i]`` of image i), from batch ``skip`` on."""
-        return self.train.epoch(order, views, batch_size, skip=skip)
+    def epoch(self, order: np.ndarray, views: np.ndarray, batch_size: int, skip: int, tag: int,
+              part: tuple[int, int] = (0, 1)) -> Batches:
+        """One epoch's batches in ``order`` (view ``views[i]`` of image i), from batch ``skip`` on; this rank's
+        share of each (``part``: rank, ranks)."""
+        return self.train.epoch(order, views, batch_size, skip=skip, part=part)
 
     def validation(self, batch_size: int) -> Batches | None:
         return self.val.in_order(batch_size) if self.val is not None else None
@@ -133,9 +158,11 @@ class ImageData:
     val_index = None
     from_cut = False
 
-    def epoch(self, order: np.ndarray, views: np.ndarray, batch_size: int, skip: int, tag: int) -> Batches:
-        """One epoch's batches in ``order``, from batch ``skip`` on; ``tag`` seeds the augmentations."""
-        self.sampler.set(tag, order[skip * batch_size:])
+    def epoch(self, order: np.ndarray, views: np.ndarray, batch_size: int, skip: int, tag: int,
+              part: tuple[int, int] = (0, 1)) -> Batches:
+        """One epoch's batches in ``order``, from batch ``skip`` on, this rank's share of each (``part``:
+        rank, ranks); ``tag`` seeds the augmentations. An empty share comes as None."""
+        self.sampler.set(tag, rank_batches(order, batch_size, skip, part))
         return iter(self.loader)
 
     def validation(self, batch_size: int) -> Batches | None:
@@ -158,6 +185,7 @@ def cut_data(backbone: Backbone, plan: StagePlan, n_frozen: int, train_set: Imag
     common = {"cache": cache, "cut": cut, "load": False, "precision": precision, "num_workers": num_workers,
               "progress": progress}
     t0 = time.perf_counter()
+    _fill_shares(backbone, train_set, val_set, train_views, val_view, common)
     res = extract_views(backbone, train_set.paths, train_views, desc="cut cache", **common)
     val_res = extract_views(backbone, val_set.paths, [val_view], desc="val cut cache", **common) \
         if val_set is not None else None
@@ -173,6 +201,21 @@ def cut_data(backbone: Backbone, plan: StagePlan, n_frozen: int, train_set: Imag
     return CutData(train, val, vkeep, len(train_views), bad_files, list(train_set.paths), cut_seconds)
 
 
+def _fill_shares(backbone: Backbone, train_set: ImageSet, val_set: ImageSet | None, train_views: Sequence[View],
+                 val_view: View, common: dict[str, Any]) -> None:
+    """Under torchrun: each rank computes the cut cache of its share of the images (by content hash) and
+    waits for the others; every rank then finds all of it cached."""
+    if not distributed.active():
+        return
+    cache = common["cache"]
+    parts = [(train_set.paths, train_views, "cut cache")]
+    if val_set is not None:
+        parts.append((val_set.paths, [val_view], "val cut cache"))
+    for paths, views, desc in parts:
+        extract_views(backbone, [paths[i] for i in distributed.my_share(cache, paths)], views, desc=desc, **common)
+    distributed.barrier()
+
+
 def image_data(train_set: ImageSet, val_set: ImageSet | None, cache: FeatureCache,
                transform: Callable[[Any, str], torch.Tensor], val_view: View, *, batch_size: int,
                num_workers: int | None) -> ImageData:
@@ -181,8 +224,8 @@ def image_data(train_set: ImageSet, val_set: ImageSet | None, cache: FeatureCach
     labels = train_set.labels.astype(np.int64)
     sampler = EpochSampler()
     workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(AugmentedImages(train_set.paths, labels, transform), batch_size=batch_size,
-                                         sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(AugmentedImages(train_set.paths, labels, transform), batch_sampler=sampler,
+                                         collate_fn=_collate, num_workers=workers, persistent_workers=workers > 0)
     val = AugmentedImages(val_set.paths, val_set.labels.astype(np.int64), val_view.transform) \
         if val_set is not None else None
     return ImageData(labels, loader, sampler, val, bad_files, list(train_set.paths))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors.torch import save as safetensors_bytes
 
+from . import distributed
 from .backbones import Backbone, state_dict_digest
 from .cache import FeatureCache
 from .ensemble import align_classes
@@ -32,11 +33,14 @@ if TYPE_CHECKING:
 
 def train_finetuned(config: TrainConfig, data: TrainData, bb: Backbone, cache: FeatureCache, n_frozen: int,
                     out: Path, progress: bool, start: float,
-                    auto: dict[str, Any] | None = None) -> tuple[Run, HeldOut | None]:
+                    auto: dict[str, Any] | None = None) -> tuple[Run | None, HeldOut | None]:
     """Fine-tune all but the first ``n_frozen`` stages of ``bb`` with a new head and save the run to ``out``.
 
+    Under torchrun the ranks train one model with DistributedDataParallel (:mod:`headstart.finetune_loop`).
+
     Returns:
-        The saved run and its validation probabilities (None without a validation set).
+        The saved run and its validation probabilities (None without a validation set); ``(None, None)``
+        on ranks other than 0 under torchrun.
     """
     ft_cfg = FinetuneConfig(**config.finetune)
     plan_names = stage_plan(bb.model, whole_ok=n_frozen == 0).names
@@ -48,6 +52,8 @@ def train_finetuned(config: TrainConfig, data: TrainData, bb: Backbone, cache: F
                       val_view=train_views[0], augment_transform=augment_transform, work_dir=work_dir,
                       resume=config.resume, seed=config.seed, precision=config.precision,
                       num_workers=config.num_workers, progress=progress, log=lambda m: log(progress, m))
+    if not distributed.is_main():  # under torchrun: rank 0 validates and writes the run
+        return None, None
     tuned, head = _tuned_model(result, bb, data, auto)
     train_paths = {str(p) for p in data.train.paths}
     metrics: dict[str, Any] = {"n_train": len(data.train) - sum(1 for b in result.bad_files if b.path in train_paths),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import distributed
 from .backbones import Backbone
 from .cache import FeatureCache
 from .data import require_every_class
@@ -40,15 +41,20 @@ if TYPE_CHECKING:
 
 
 def train_frozen(config: TrainConfig, data: TrainData, bb: Backbone, cache: FeatureCache, out: Path, progress: bool,
-                 start: float, auto: dict[str, Any] | None = None) -> tuple[Run, HeldOut | None]:
+                 start: float, auto: dict[str, Any] | None = None) -> tuple[Run | None, HeldOut | None]:
     """Fit the head on the frozen backbone's features of ``data`` and save the run to ``out``.
 
     Returns:
-        The saved run and its validation probabilities (None without a validation set).
+        The saved run and its validation probabilities (None without a validation set); under torchrun,
+        ``(None, None)`` on ranks other than 0, once their share of the features is cached.
     """
     log(progress, "frozen: every layer; training the head on cached pooled features")
     pipeline = training_pipeline(config, bb, data.train, cache, progress)
     views = cached_views(config, bb, pipeline)
+    if distributed.active():  # under torchrun: every rank extracts its share; rank 0 alone fits the head
+        _extract_shares(config, data, bb, views, cache)
+        if not distributed.is_main():
+            return None, None
     if pipeline is not None:
         log(progress, f"augmentation '{config.augment}': {config.aug_views} cached views per training image")
     result, val_result, features = _extract(config, data, bb, views, cache, progress)
@@ -80,6 +86,19 @@ def train_frozen(config: TrainConfig, data: TrainData, bb: Backbone, cache: Feat
     path = write_run(out, info, head, metrics, bad)
     log(progress, f"saved run to {path}")
     return Run.load(path), held_out
+
+
+def _extract_shares(config: TrainConfig, data: TrainData, bb: Backbone, views: list[View],
+                    cache: FeatureCache) -> None:
+    """This rank's share (by content hash) of every feature the head needs, into the shared cache; then
+    wait for the other ranks."""
+    common = {"cache": cache, "precision": config.precision, "batch_size": config.batch_size,
+              "num_workers": config.num_workers, "progress": False, "load": False}
+    extract_views(bb, [data.train.paths[i] for i in distributed.my_share(cache, data.train.paths)], views, **common)
+    if data.val is not None:
+        mine = distributed.my_share(cache, data.val.paths)
+        extract_features(bb, [data.val.paths[i] for i in mine], desc="val features", **common)
+    distributed.barrier()
 
 
 def _extract(config: TrainConfig, data: TrainData, bb: Backbone, views: list[View], cache: FeatureCache,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import distributed
 from ._constants import ENGINES, SELECT_MODES
 from ._validation import (
     check_batch_size,
@@ -79,7 +80,7 @@ def train(
     *,
     progress: bool = True,
     **overrides: Any,
-) -> Run | EnsembleRun:
+) -> Run | EnsembleRun | None:
     """Train a classifier head on a frozen pre-trained backbone and save the run to ``out``.
 
     Args:
@@ -90,9 +91,11 @@ def train(
 
     Returns:
         The saved :class:`Run` (an :class:`EnsembleRun` with several members); ``run.metrics`` holds
-        validation (and CV) metrics.
+        validation (and CV) metrics. Under ``torchrun`` (:mod:`headstart.distributed`) the ranks share the
+        features and the fine-tuning; rank 0 writes and returns the run, the others return None.
     """
     config = config or TrainConfig()
+    progress = progress and distributed.is_main()  # under torchrun rank 0 alone reports
     unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         known = sorted(TrainConfig.__dataclass_fields__)
@@ -101,13 +104,24 @@ def train(
     config.weights = _absolute_weights(config.weights)  # a run must find its weights from any folder
     config.cache_dir = None if config.cache_dir is None else str(config.cache_dir)
     check_out_outside_data(data, Path(out))
+    _check_distributed(config)
     if "," in config.backbone or config.ensemble > 1:
         _validate_train_config(config, Path(out))  # fail on bad settings before any heavy work
         return train_ensemble(config, data, Path(out), progress, train_member=_train_single)
     return _train_single(config, data, Path(out), progress)[0]
 
 
-def _train_single(config: TrainConfig, data: Any, out: Path, progress: bool) -> tuple[Run, HeldOut | None]:
+def _check_distributed(config: TrainConfig) -> None:
+    """Under torchrun: a head (``--freeze all``) or one fine-tuned model (``--freeze none`` or N)."""
+    if not distributed.active():
+        return
+    if "," in config.backbone or config.ensemble > 1 or str(config.freeze) in ("auto", "probe"):
+        raise UsageError(f"under torchrun, train takes --freeze all, none or N with one backbone; got --freeze "
+                         f"{config.freeze}, backbone '{config.backbone}', --ensemble {config.ensemble}. Run "
+                         "ensembles, --freeze auto and probe as one process (headstart train ...)")
+
+
+def _train_single(config: TrainConfig, data: Any, out: Path, progress: bool) -> tuple[Run | None, HeldOut | None]:
     """One run (not an ensemble) saved to ``out``, and its probabilities on the validation images."""
     _validate_train_config(config, out)  # fail on bad settings before any heavy work
     start = time.perf_counter()

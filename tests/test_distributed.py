@@ -77,14 +77,6 @@ def photos(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     return data, _rows(root / "one")
 
 
-def test_sharded_extraction_equals_one_process(tmp_path, photos):
-    data, reference = photos
-    two = _run(torchrun(*_features(data, tmp_path / "two")))
-    assert two["n_computed"] == 40 and two["n_bad"] == 0
-    assert sorted(r["n_images"] for r in two["ranks"]) == [20, 20]  # balanced, disjoint (sums to 40)
-    assert _rows(tmp_path / "two") == reference  # byte for byte
-
-
 def _file_keys(data: Path) -> list[str]:
     with FeatureCache(data.parent / "hashes", memos={}) as cache:
         return cache.image_keys(sorted(data.rglob("*.png")))[0]
@@ -115,7 +107,9 @@ def _stored(cache_dir: Path, keys: set[str]) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the rank's process in /proc (Linux)")
-def test_killed_rank_restarts_and_computes_only_its_missing_rows(tmp_path, photos):
+def test_sharded_extraction_survives_a_killed_rank_and_equals_one_process(tmp_path, photos):
+    """Rank 1 is SIGKILLed once some of its rows are flushed; torchrun restarts the ranks; the restarted
+    rank 1 finds its flushed rows and computes only the rest; the cache equals one process's byte for byte."""
     data, reference = photos
     keys = _file_keys(data)
     rank1 = {k for k, r in zip(keys, deal_by_hash(keys, 2)) if r == 1}
@@ -135,7 +129,74 @@ def test_killed_rank_restarts_and_computes_only_its_missing_rows(tmp_path, photo
     assert launcher.returncode == 0, err[-3000:]
     assert killed_with is not None, "rank 1 finished before it could be killed; use more images"
     result = json.loads(out)
+    assert result["n_images"] == 40 and result["n_bad"] == 0
+    assert sorted(r["n_images"] for r in result["ranks"]) == [20, 20]  # balanced and disjoint (sums to 40)
     second = {r["rank"]: r for r in result["ranks"]}[1]  # rank 1 after its restart
     assert second["n_cached"] >= killed_with > 0  # the rows it had flushed were kept ...
     assert second["n_computed"] == len(rank1) - second["n_cached"]  # ... and only the missing ones computed
     assert _rows(cache) == reference
+
+
+TRAIN = ("--freeze", "7", "--optimizer", "sgd", "--precision", "fp32", "--workers", "0", "--quiet", "--json")
+
+
+def _train(data: Path, out: Path, cache: Path, *more: str) -> list[str]:
+    return ["train", str(data), "--out", str(out), "--cache-dir", str(cache), *TRAIN, *more]
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {**load_file(str(run / "backbone.safetensors")), **load_file(str(run / "head.safetensors"))}
+
+
+def _assert_close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    """Parameters within ``atol``; batch-norm running statistics within 1e-5 + 1e-4 relative (one process
+    sums a batch's float32 activations in float32, the ranks' global statistics are summed in float64:
+    the single process's mean of ~2,000 values of magnitude ~10 is itself off by ~1e-5)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    bad = {}
+    for k in a:
+        stats = k.endswith(("running_mean", "running_var"))
+        if not torch.allclose(a[k].double(), b[k].double(), rtol=1e-4 if stats else 1e-5, atol=1e-5 if stats else atol):
+            bad[k] = float((a[k].double() - b[k].double()).abs().max())
+    assert not bad, bad
+
+
+def test_ddp_step_equals_one_process_on_the_same_global_batch(tmp_path, photos):
+    """One SGD step on a global batch of 40 (20 per rank) with stages 8 and the tail trained (batch norm in
+    training mode, statistics over the global batch): the weights match one process's."""
+    data, _ = photos
+    one = _run(single(*_train(data, tmp_path / "one", tmp_path / "c1", "--epochs", "1", "--batch-size", "40")))
+    two = _run(torchrun(*_train(data, tmp_path / "two", tmp_path / "c2", "--epochs", "1", "--batch-size", "40")))
+    assert one["history"][0]["train_loss"] == pytest.approx(two["history"][0]["train_loss"], abs=1e-6)
+    _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+
+
+def test_ddp_resumes_after_a_kill_and_continues_the_same_run(tmp_path, photos):
+    """torchrun fine-tuning killed (the whole group, SIGKILL) after its first epoch's checkpoint, then run
+    again with --resume: it continues from epoch 2 and ends with one uninterrupted process's weights."""
+    data, _ = photos
+    more = ("--epochs", "2", "--batch-size", "6", "--val-split", "0.25")
+    run, cache = tmp_path / "two", tmp_path / "c2"
+    metrics = tmp_path / ".two.finetune" / "metrics.jsonl"
+    launcher = subprocess.Popen(torchrun(*_train(data, run, cache, *more)), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 150
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    launcher.wait(timeout=60)
+    assert launcher.returncode == -signal.SIGKILL, "the run ended before it could be killed; give it more epochs"
+    assert not run.exists()
+    resumed = _run(torchrun(*_train(data, run, cache, *more, "--resume")))
+    alone = _run(single(*_train(data, tmp_path / "one", tmp_path / "c1", *more)))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for a, b in zip(resumed["history"], alone["history"]):  # losses and validation reduced over the ranks
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    _assert_close(_weights(run), _weights(tmp_path / "one"))
