@@ -138,11 +138,12 @@ def torch_index(index: np.ndarray):  # -> torch.Tensor
 def timing(seen: Inspected, n: int) -> float:
     rng = np.random.default_rng(0)
     reps = -(-n // len(seen.paths))
-    big = Inspected([p for _ in range(reps) for p in seen.paths][:n], np.tile(seen.labels, reps)[:n],
-                    (seen.split * reps)[:n], seen.class_names, [f"{i}" for i in range(n)],
-                    (np.tile(seen.features, (reps, 1)) + rng.normal(0, 0.05, (reps * len(seen.paths),
-                                                                              seen.features.shape[1])))[:n]
-                    .astype(np.float32), np.zeros((n, len(seen.class_names))), seen.setting, [])
+    originals = np.arange(reps * len(seen.paths)) % len(seen.paths)  # copies of one image share a group,
+    noise = rng.normal(0, 0.05, (len(originals), seen.features.shape[1]))  # as identical files do
+    big = Inspected([seen.paths[i] for i in originals[:n]], seen.labels[originals[:n]],
+                    [seen.split[i] for i in originals[:n]], seen.class_names, [str(i) for i in originals[:n]],
+                    (seen.features[originals] + noise)[:n].astype(np.float32), np.zeros((n, len(seen.class_names))),
+                    seen.setting, [])
     start = time.perf_counter()
     big.oof, _ = out_of_fold(big.features, big.labels, big.keys, Grid(source=("pooled",)), 5, 0, None)
     label_issues(big)
@@ -190,7 +191,7 @@ def main() -> None:
     seen = loaded["intel_scenes"]
     ants = loaded["ants_bees_train"]
     print(f"  {len(ants.paths)} images (ants/bees): {timing(ants, len(ants.paths)):.1f} s")
-    print(f"  5000 images (intel_scenes rows repeated with noise): {timing(seen, 5000):.1f} s")
+    print(f"  5000 images (intel_scenes rows repeated with noise, copies grouped): {timing(seen, 5000):.1f} s")
     n = int(os.environ.get("INSPECT_NEIGHBOURS", "20000"))
     seconds, grown = neighbours_at_scale(n)
     print(f"  near-duplicates + k-NN alone on {n} random rows: {seconds:.1f} s, peak RSS +{grown:.0f} MiB (the rows "
