@@ -81,8 +81,9 @@ def server(served_run, tmp_path_factory):
     env = {**os.environ, "HEADSTART_CACHE_DIR": str(cache), "HEADSTART_SERVE_IDLE_EXIT": "120",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "headstart", "serve", str(run), "--port", str(port),
-                                    "--max-wait-ms", "10"], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "headstart", "serve", str(run), "--port", str(port), "--max-wait-ms", "10",
+                   "--max-batch", "8"]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url, process, log)
@@ -308,3 +309,13 @@ def test_onnx_engine_feeds_the_graph_the_reference_preprocessing(served_run, tmp
         Predictor.load(run, engine="onnx", onnx_path=_tiny_graph(tmp_path / "other.onnx", ["x", "y"], spec))
     with pytest.raises(headstart.UsageError, match="headstart export"):
         Predictor.load(run, engine="onnx", onnx_path=tmp_path / "missing.onnx")
+
+
+def test_forward_sizes_are_few_and_warmed_up():
+    from headstart.predictor import forward_sizes
+
+    assert forward_sizes(13, 32) == [8, 4, 1] and forward_sizes(70, 32) == [32, 32, 4, 2]
+    assert forward_sizes(40, 24) == [24, 16] and forward_sizes(0, 8) == []
+    for max_batch in (1, 3, 8, 24, 32):
+        used = {size for n in range(1, 3 * max_batch) for size in forward_sizes(n, max_batch)}
+        assert used == {min(max_batch, 1 << k) for k in range(max_batch.bit_length() + 1)}  # what warm_up runs

@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace, settings: Any, sock: Any) -> int:
     from ..serve import address_of, is_loopback, serve
 
     predictor = Predictor.load(args.run, engine=args.engine, onnx_path=_onnx_path(args))
-    predictor.warm_up()
+    predictor.warm_up(settings.max_batch)
     card = _card(predictor)
     url = address_of(sock)
     if not is_loopback(args.host):
