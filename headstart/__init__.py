@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("TrainConfig", "evaluate", "extract", "make_ensemble", "predict", "sweep", "train"), "api"),
+    **dict.fromkeys(("TrainConfig", "evaluate", "export", "extract", "make_ensemble", "predict", "sweep", "train"),
+                    "api"),
     **dict.fromkeys(("Backbone", "create_backbone", "list_backbones"), "backbones"),
     "FeatureCache": "cache",
     **dict.fromkeys(("BadFile", "ImageSet", "decode_image", "load_images"), "data"),
@@ -50,6 +51,7 @@ __all__ = [
     "create_backbone",
     "decode_image",
     "evaluate",
+    "export",
     "extract",
     "extract_features",
     "inspect",
@@ -65,7 +67,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these on first use
-    from .api import TrainConfig, evaluate, extract, make_ensemble, predict, sweep, train
+    from .api import TrainConfig, evaluate, export, extract, make_ensemble, predict, sweep, train
     from .backbones import Backbone, create_backbone, list_backbones
     from .cache import FeatureCache
     from .data import BadFile, ImageSet, decode_image, load_images

@@ -1,4 +1,4 @@
-"""The Python API that the CLI mirrors: extract, train, evaluate, predict.
+"""The Python API that the CLI mirrors: extract, train, evaluate, predict, export.
 
 Example:
     >>> import headstart
@@ -34,6 +34,7 @@ from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .cache import FeatureCache
 from .data import BadFile, ImageSet, list_image_paths, load_images, max_pixels
 from .errors import DataError, UsageError
+from .export import export  # noqa: F401  (part of this API)
 from .features import extract_features
 from .inference import run_probabilities
 from .metrics import classification_metrics

@@ -62,5 +62,14 @@ class NotFittedError(HeadstartError, _SklearnNotFittedError):
     """
 
 
+class ExportError(HeadstartError, RuntimeError):
+    """A run cannot be exported as asked, or the exported file does not compute what the run computes
+    (the file is kept for inspection; ``result`` holds the figures measured, when there are any)."""
+
+    def __init__(self, message: str, result: dict | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class DiskFullError(HeadstartError, OSError):
     """A write failed because the file system holding the file is full (nothing half-written is left)."""
