@@ -277,6 +277,7 @@ class _OnnxSession:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings about the graph are not the user's
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # decoding threads need the cores
         self.path, self.version = path, ort.__version__
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
