@@ -80,7 +80,7 @@ def extract(
         for n, first in enumerate(chunks, 1):  # nothing per image outlives its chunk: memory stays flat
             result = extract_features(bb, mine[first:first + EXTRACT_CHUNK], cache=cache, precision=precision,
                                       batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                      engine=engine, load=False,
+                                      engine=engine, load=False, full_batches=True,
                                       desc="features" if len(chunks) == 1 else f"features {n}/{len(chunks)}")
             bad += [b.to_dict() for b in result.bad_files]
             computed, cached, seconds = computed + result.n_computed, cached + result.n_cached, seconds + result.seconds

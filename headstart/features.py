@@ -78,8 +78,11 @@ class FeatureResult:
 
 
 def default_num_workers() -> int:
-    """Decoding workers: one per spare core, at least one, at most eight."""
+    """Decoding workers: one per spare core, at least one, at most eight; under torchrun the node's cores are
+    shared by its ``$LOCAL_WORLD_SIZE`` processes (each rank decodes with its part)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    cores = cores // max(1, int(ranks)) if ranks.isdigit() else cores
     return max(1, min(8, cores - 1))
 
 
@@ -162,6 +165,7 @@ def extract_features(
     desc: str = "features",
     engine: str | None = None,
     load: bool = True,
+    full_batches: bool = False,
 ) -> FeatureResult:
     """Pooled backbone features of every image, computing only what the cache lacks.
 
@@ -179,13 +183,17 @@ def extract_features(
         engine: ``auto``, ``torch`` or ``openvino`` (:mod:`headstart.engines`); default the backbone's own.
         load: read the features back; ``False`` only fills the cache (``features`` is then ``(n, 0)``),
             so memory stays flat however many images there are.
+        full_batches: forward every batch at ``batch_size`` rows (a short one padded): the numbers then do
+            not depend on how the images fell into batches, so shares computed by several processes
+            (``torchrun``) equal one process's bit for bit; at most ``batch_size - 1`` extra rows per call.
 
     Returns:
         FeatureResult with ``features`` of shape ``(n, dim)``; ``n_computed == 0`` on a warm cache.
     """
     result = extract_views(backbone, paths, [clean_view(backbone.data_config)], cache=cache,
                            batch_size=batch_size, num_workers=num_workers, precision=precision, device=device,
-                           flush_every=flush_every, progress=progress, desc=desc, engine=engine, load=load)
+                           flush_every=flush_every, progress=progress, desc=desc, engine=engine, load=load,
+                           full_batches=full_batches)
     result.features = result.features[:, 0]
     return result
 
@@ -207,6 +215,7 @@ def extract_views(
     load: bool = True,
     decoder: Decoder | None = None,
     engine: str | None = None,
+    full_batches: bool = False,
 ) -> FeatureResult:
     """Features of several views of every image (e.g. clean + K augmented), through the cache.
 
@@ -218,7 +227,8 @@ def extract_views(
     Each image is read and decoded once for all of its missing views. Arguments as in
     :func:`extract_features`; ``batch_size`` counts forwarded views; ``decoder`` defaults to
     :func:`~headstart.data.decode_bytes` under :func:`~headstart.preprocess.decoder_id`; ``engine``
-    (``auto``, ``torch``, ``openvino``; :mod:`headstart.engines`) defaults to the backbone's own.
+    (``auto``, ``torch``, ``openvino``; :mod:`headstart.engines`) defaults to the backbone's own. ``full_batches``
+    as in :func:`extract_features`.
 
     Returns:
         FeatureResult with ``features`` of shape ``(n, len(views), dim)``; ``n_computed`` counts views.
@@ -229,7 +239,7 @@ def extract_views(
             return extract_views(backbone, paths, views, cache=own, batch_size=batch_size,
                                  num_workers=num_workers, precision=precision, device=device,
                                  flush_every=flush_every, progress=progress, desc=desc, cut=cut, load=load,
-                                 decoder=decoder, engine=engine)
+                                 decoder=decoder, engine=engine, full_batches=full_batches)
     start = time.perf_counter()
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(precision, device)
@@ -238,7 +248,7 @@ def extract_views(
     if device_path_applies(device, views, backbone.data_config, decoder is None, cut):
         views = [View(CleanTransform(backbone.data_config), dict(DEVICE_VIEW))]  # decoded on the GPU: own key
     job = _Job(backbone, [Path(p) for p in paths], views, cache, decoder or Decoder(), device, precision, engine,
-               cut, batch_size, num_workers, flush_every, progress, desc)
+               cut, batch_size, num_workers, flush_every, progress, desc, full_batches)
     image_keys, bad = cache.image_keys(job.paths)
     filled = _fill(job, image_keys, bad)
     ok = filled.located.found.all(axis=0)
@@ -280,6 +290,7 @@ class _Job:
     flush_every: int
     progress: bool
     desc: str
+    full_batches: bool = False  # every forward gets batch_size rows (padded): numbers independent of batching
     dim: int = field(init=False)
     keys: list[str] = field(init=False)
     forward: Callable[[torch.Tensor], np.ndarray] | None = field(init=False, default=None)
@@ -455,7 +466,7 @@ def _forward_items(job: _Job, order: list[tuple[str, tuple[int, list[int]]]], it
         owners.extend((expected, actual, v) for v in item["views"])
     if not tensors:
         return
-    out = job.forward(torch.cat(tensors))
+    out = job.forward(_padded(torch.cat(tensors), job.batch_size if job.full_batches else 0))[:len(owners)]
     finite = np.isfinite(out).all(axis=1)
     for row, (expected, actual, v) in enumerate(owners):
         if finite[row]:
@@ -464,3 +475,12 @@ def _forward_items(job: _Job, order: list[tuple[str, tuple[int, list[int]]]], it
         else:
             outcome.failed[expected] = (f"the backbone gave non-finite features in {job.precision} "
                                         "(try --precision fp32)")
+
+
+def _padded(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """``batch`` with its last row repeated up to ``size`` rows. A kernel may pick its algorithm by the batch
+    size (oneDNN on CPUs does), so rows forwarded in batches of different sizes can differ in the last bits;
+    forwarded at one size they do not depend on which images share their batch, or on where a share ends."""
+    if len(batch) >= size:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])

@@ -183,13 +183,14 @@ def cut_data(backbone: Backbone, plan: StagePlan, n_frozen: int, train_set: Imag
     cut = Cut(f"stage{n_frozen}:{plan.names[n_frozen - 1]}",
               lambda m, x: stage_plan(m).run(x, 0, n_frozen), int(np.prod(shape)))
     common = {"cache": cache, "cut": cut, "load": False, "precision": precision, "num_workers": num_workers,
-              "progress": progress}
+              "progress": progress, "full_batches": True}
     t0 = time.perf_counter()
-    _fill_shares(backbone, train_set, val_set, train_views, val_view, common)
+    shared = _fill_shares(backbone, train_set, val_set, train_views, val_view, common)
     res = extract_views(backbone, train_set.paths, train_views, desc="cut cache", **common)
     val_res = extract_views(backbone, val_set.paths, [val_view], desc="val cut cache", **common) \
         if val_set is not None else None
-    cut_seconds = time.perf_counter() - t0 if (res.n_computed or (val_res and val_res.n_computed)) else 0.0
+    computed = shared or res.n_computed or (val_res and val_res.n_computed)
+    cut_seconds = time.perf_counter() - t0 if computed else 0.0
     bad_files = list(res.bad_files) + (list(val_res.bad_files) if val_res is not None else [])
     keep = np.flatnonzero(res.ok)
     labels = train_set.labels.astype(np.int64)
@@ -202,18 +203,20 @@ def cut_data(backbone: Backbone, plan: StagePlan, n_frozen: int, train_set: Imag
 
 
 def _fill_shares(backbone: Backbone, train_set: ImageSet, val_set: ImageSet | None, train_views: Sequence[View],
-                 val_view: View, common: dict[str, Any]) -> None:
+                 val_view: View, common: dict[str, Any]) -> bool:
     """Under torchrun: each rank computes the cut cache of its share of the images (by content hash) and
-    waits for the others; every rank then finds all of it cached."""
+    waits for the others; every rank then finds all of it cached. Whether any rank computed anything."""
     if not distributed.active():
-        return
+        return False
     cache = common["cache"]
     parts = [(train_set.paths, train_views, "cut cache")]
     if val_set is not None:
         parts.append((val_set.paths, [val_view], "val cut cache"))
+    computed = 0
     for paths, views, desc in parts:
-        extract_views(backbone, [paths[i] for i in distributed.my_share(cache, paths)], views, desc=desc, **common)
-    distributed.barrier()
+        mine = [paths[i] for i in distributed.my_share(cache, paths)]
+        computed += extract_views(backbone, mine, views, desc=desc, **common).n_computed
+    return distributed.all_reduce_sum([computed])[0] > 0  # (a collective: every rank waits for the others)
 
 
 def image_data(train_set: ImageSet, val_set: ImageSet | None, cache: FeatureCache,

@@ -126,7 +126,7 @@ def train_epoch(loop: Loop, state: TrainState) -> dict[str, Any]:
     bar = tqdm(total=loop.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                unit="step", file=sys.stderr, disable=not loop.progress, leave=False)
     losses, correct, seen = [], 0, 0
-    shape = tuple(loop.model.backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
+    shape = tuple((getattr(loop.model.backbone, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
     for batch in batches:  # None: this rank's empty share of a last batch smaller than the number of ranks
         x, y = batch if batch is not None else (torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.int64))
         shape = tuple(x.shape[1:])

@@ -93,7 +93,7 @@ def _extract_shares(config: TrainConfig, data: TrainData, bb: Backbone, views: l
     """This rank's share (by content hash) of every feature the head needs, into the shared cache; then
     wait for the other ranks."""
     common = {"cache": cache, "precision": config.precision, "batch_size": config.batch_size,
-              "num_workers": config.num_workers, "progress": False, "load": False}
+              "num_workers": config.num_workers, "progress": False, "load": False, "full_batches": True}
     extract_views(bb, [data.train.paths[i] for i in distributed.my_share(cache, data.train.paths)], views, **common)
     if data.val is not None:
         mine = distributed.my_share(cache, data.val.paths)
@@ -105,7 +105,7 @@ def _extract(config: TrainConfig, data: TrainData, bb: Backbone, views: list[Vie
              progress: bool) -> tuple[FeatureResult, FeatureResult | None, dict[str, Any]]:
     """Features of the training images (every view) and of the validation images (clean), and a summary."""
     common = {"cache": cache, "precision": config.precision, "batch_size": config.batch_size,
-              "num_workers": config.num_workers, "progress": progress}
+              "num_workers": config.num_workers, "progress": progress, "full_batches": True}
     result = extract_views(bb, data.train.paths, views, **common)
     val_result = extract_features(bb, data.val.paths, desc="val features", **common) if data.val else None
     parts = [result] + ([val_result] if val_result else [])

@@ -95,7 +95,6 @@ def train(
         features and the fine-tuning; rank 0 writes and returns the run, the others return None.
     """
     config = config or TrainConfig()
-    progress = progress and distributed.is_main()  # under torchrun rank 0 alone reports
     unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         known = sorted(TrainConfig.__dataclass_fields__)
@@ -104,11 +103,13 @@ def train(
     config.weights = _absolute_weights(config.weights)  # a run must find its weights from any folder
     config.cache_dir = None if config.cache_dir is None else str(config.cache_dir)
     check_out_outside_data(data, Path(out))
-    _check_distributed(config)
-    if "," in config.backbone or config.ensemble > 1:
-        _validate_train_config(config, Path(out))  # fail on bad settings before any heavy work
-        return train_ensemble(config, data, Path(out), progress, train_member=_train_single)
-    return _train_single(config, data, Path(out), progress)[0]
+    with distributed.session():  # under torchrun (the CLI has joined already; from Python it joins here)
+        progress = progress and distributed.is_main()  # rank 0 alone reports
+        _check_distributed(config)
+        if "," in config.backbone or config.ensemble > 1:
+            _validate_train_config(config, Path(out))  # fail on bad settings before any heavy work
+            return train_ensemble(config, data, Path(out), progress, train_member=_train_single)
+        return _train_single(config, data, Path(out), progress)[0]
 
 
 def _check_distributed(config: TrainConfig) -> None:

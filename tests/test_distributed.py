@@ -39,8 +39,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _features(data: Path, cache: Path, *more: str) -> list[str]:
+    """Batches of 16: one process forwards 16+16+8 images, each rank 16+4 (short batches padded to 16)."""
     return ["features", str(data), "--cache-dir", str(cache), "--engine", "torch", "--precision", "fp32",
-            "--batch-size", "4", "--workers", "0", "--json", "--quiet", *more]
+            "--batch-size", "16", "--workers", "0", "--json", "--quiet", *more]
 
 
 def _run(command: list[str], **env: str) -> dict:
@@ -114,7 +115,7 @@ def test_sharded_extraction_survives_a_killed_rank_and_equals_one_process(tmp_pa
     keys = _file_keys(data)
     rank1 = {k for k, r in zip(keys, deal_by_hash(keys, 2)) if r == 1}
     cache = tmp_path / "shared"
-    command = torchrun(*_features(data, cache, "--batch-size", "2"))
+    command = torchrun(*_features(data, cache))
     command.insert(command.index("--standalone") + 1, "--max-restarts=1")  # torchrun's elastic restart
     launcher = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed_with, deadline = None, time.monotonic() + 120
@@ -124,7 +125,7 @@ def test_sharded_extraction_survives_a_killed_rank_and_equals_one_process(tmp_pa
         if pid is not None and 0 < done < len(rank1):
             os.kill(pid, signal.SIGKILL)
             killed_with = done
-        time.sleep(0.05)
+        time.sleep(0.02)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-3000:]
     assert killed_with is not None, "rank 1 finished before it could be killed; use more images"
