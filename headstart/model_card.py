@@ -473,8 +473,14 @@ def _render_metrics(metrics: dict[str, Any]) -> list[str]:
 
 
 def _render_calibration(cal: dict[str, Any]) -> list[str]:
-    lines = [f"- temperature: {cal['temperature']} ({cal['temperature_note']})",
-             f"- cross-validated log-loss at that temperature: {cal['cv_log_loss']}"]
+    temperatures = cal["temperature"] if isinstance(cal["temperature"], list) else [cal["temperature"]]
+    if all(t is None for t in temperatures):
+        lines = ["- temperature: none fitted (no selection: the head was fixed by the training options)"]
+    else:
+        lines = [f"- temperature: {cal['temperature']} ({cal['temperature_note']})"]
+    if any(loss is not None for loss in cal["cv_log_loss"]):
+        losses = ", ".join(_num(v) for v in cal["cv_log_loss"])
+        lines.append(f"- cross-validated log-loss at that temperature: {losses}")
     if cal["ece"] is not None:
         lines.append(f"- expected calibration error: {_num(cal['ece'])} ({json.dumps(cal['ece_measured_on'])})")
     else:
