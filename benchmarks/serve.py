@@ -20,22 +20,16 @@ Columns: req/s; p50/p99 latency (ms, client side, connection reuse); the mean ba
 ``x torch``: req/s over the torch engine's row with the same batching and clients.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import os
-import sys
-
-# This folder holds benchmarks/inspect.py, which shadows the standard library's inspect (imported by asyncio
-# and numpy) while the script's own folder leads sys.path: take the folder off it before importing them.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

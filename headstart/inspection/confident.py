@@ -11,7 +11,7 @@ From out-of-fold probabilities ``p`` (n x k) and given labels ``y``:
 
 Step 4 is the paper's count with a self-confidence ranking rather than its prune-by-noise-rate
 margins: over ants/bees and intel_scenes at 5% and 10% flipped labels (2 seeds), it found as many or
-more of the flipped labels at the same or better precision in 6 of 8 cases (benchmarks/inspect.py).
+more of the flipped labels at the same or better precision in 6 of 8 cases (benchmarks/inspection.py).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from ..sources import Classifier
 from .confident import find_label_issues
 from .neighbours import neighbours
 
-NEAR_DUPLICATE = 0.93  # cosine similarity of pooled features; see benchmarks/inspect.py
+NEAR_DUPLICATE = 0.93  # cosine similarity of pooled features; see benchmarks/inspection.py
 OUTLIER_Z = 3.5  # robust z-score of the k-NN distance from which an image is flagged as an outlier
 MAX_OUTLIERS = 50
 MIN_LISTED = 3  # the farthest images listed even when none is flagged (small or mixed sets: a wide spread)

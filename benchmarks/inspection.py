@@ -18,18 +18,17 @@ distinct one (the threshold must stay above it on both sets: no false pairs). La
 `inspect`'s work after extraction (features cached) on 245 images and on 5,000 (intel_scenes rows
 repeated with noise).
 
-    python benchmarks/inspect.py
+    python benchmarks/inspection.py
+
+(Not ``inspect.py``: Python puts a script's folder first on ``sys.path``, so a file of that name would
+replace the standard library's ``inspect`` for every script in this folder.)
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
-
-if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
-    sys.path.pop(0)  # this file is named inspect.py: keep it from shadowing the standard library's inspect
-
-import io
 import tempfile
 import time
 from dataclasses import replace
