@@ -58,6 +58,7 @@ def timed(processes: int, args: list[str]) -> tuple[dict, float]:
 
 
 def measure(n_images: int, processes: int, epochs: int) -> dict:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="headstart-dist-") as tmp:
         root = Path(tmp)
         data = make_photos(root / "data", n_images)
@@ -77,7 +78,8 @@ def measure(n_images: int, processes: int, epochs: int) -> dict:
     speedup = {k: round(one[k] / many[k], 2) if many[k] else None
                for k in ("features_wall_s", "features_s", "train_wall_s", "cut_cache_s", "seconds_per_epoch")}
     return {"images": n_images, "processes": processes, "cores": os.cpu_count(), "epochs": epochs,
-            "one": one, "many": many, "speedup": speedup}
+            "one": one, "many": many, "speedup": speedup,
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}  # other work on the machine
 
 
 def main() -> None:
@@ -92,7 +94,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     one, many, up = result["one"], result["many"], result["speedup"]
-    print(f"{result['images']} photos, {result['cores']} cores, engine {one['engine']}, {one['precision']}")
+    print(f"{result['images']} photos, {result['cores']} cores, engine {one['engine']}, {one['precision']}; "
+          f"1-minute load average {result['load_average'][0]} before, {result['load_average'][1]} after")
     print(f"{'':28}{'1 process':>12}{str(result['processes']) + ' processes':>14}{'speed-up':>10}")
     for key, label in (("features_wall_s", "features: command (s)"), ("features_s", "features: extraction (s)"),
                        ("train_wall_s", "train --freeze 7: command"), ("cut_cache_s", "  cut cache (s)"),
