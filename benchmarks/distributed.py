@@ -7,10 +7,8 @@ command's wall time and the seconds per epoch. One process uses every core ($OMP
 torchrun gives each of its N processes one thread (its default), so on a machine with N cores both use
 all of them, and the speed-up measures what sharding adds over intra-op threading.
 
-    python -P benchmarks/distributed.py                    # 200 photos, 2 processes
-    python -P benchmarks/distributed.py --images 64 --json
-
-(``-P``: ``benchmarks/inspect.py`` would otherwise shadow the standard library's ``inspect``.)
+    python benchmarks/distributed.py                       # 200 photos, 2 processes
+    python benchmarks/distributed.py --images 64 --json
 """
 
 from __future__ import annotations
