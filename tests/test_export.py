@@ -62,6 +62,7 @@ def check_verified(result: dict, run_dir: Path) -> None:
     """The export's own checks passed and say so in figures; the file runs any batch size."""
     check = result["verification"]
     assert check["ok"] and check["n_images"] == 8 and not check["skipped"]
+    assert check["pixels"]["n"] == 8 and check["pixels"]["max_abs_diff"] == 0
     assert check["torch"]["max_abs_diff"] <= 1e-4 and check["torch"]["top1_agree"] == 8
     predict = check["predict"]
     assert predict["max_abs_diff"] <= predict["tolerance"] and predict["top1_agree"] + predict["near_ties"] == 8

@@ -50,8 +50,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     check = result.get("verification")
     if check:
         engine = "ONNX Runtime" if result["format"] == "onnx" else "TorchScript"
-        lines.append(f"checked on {check['n_images']} images: {engine} vs torch fp32: {_figures(check['torch'])}")
-        lines.append(f"{' ' * 22}vs headstart predict ({check['precision']} features): {_figures(check['predict'])}")
+        lines.append(f"checked on {check['n_images']} images:")
+        px = check.get("pixels")
+        if px:
+            lines.append(f"  pixels of prepare_image vs headstart's preprocessing: max {px['max_abs_diff']:.1f} grey "
+                         f"levels (allowed {px['tolerance']}){'' if px['ok'] else ' FAILED'}")
+        lines.append(f"  {engine} vs torch fp32: {_figures(check['torch'])}")
+        lines.append(f"  {engine} vs headstart predict ({check['precision']} features): {_figures(check['predict'])}")
+    if result.get("model_card"):
+        lines.append(f"model card: {result['model_card'][0]}")
     q = result.get("int8")
     if q:
         lines.append(f"int8: {q['path']} {q['bytes'] / 1e6:.1f} MB (fp32 {q['fp32_bytes'] / 1e6:.1f}), "
