@@ -144,6 +144,7 @@ def write_card(run: AnyRun, path: Path, result: dict[str, Any]) -> tuple[Path, P
                 "format", "exporter", "opset", "bytes", "tta", "input")},
             "output": f"{OUTPUT_NAME}: float32 N x {len(run.class_names)}, columns in the classes' order",
             "verification": {"n_images": check["n_images"], "precision": check["precision"],
+                             "pixels": {f: check["pixels"][f] for f in ("n", "max_abs_diff", "tolerance")},
                              **{k: {f: check[k][f] for f in figures} for k in ("torch", "predict")}}}
     if "int8" in result:
         q = result["int8"]

@@ -27,6 +27,7 @@ from PIL import Image
 import headstart
 from headstart.data import decode_image
 from headstart.errors import ExportError, UsageError
+from headstart.export import read_metadata
 from headstart.export_graph import ExportedModel, HeadLogits, Member, Views, graph_input_spec
 from headstart.heads import LinearHead, MLPHead
 from headstart.onnx_input import input_spec, prepare_image
@@ -66,10 +67,10 @@ def check_verified(result: dict, run_dir: Path) -> None:
     assert check["torch"]["max_abs_diff"] <= 1e-4 and check["torch"]["top1_agree"] == 8
     predict = check["predict"]
     assert predict["max_abs_diff"] <= predict["tolerance"] and predict["top1_agree"] + predict["near_ties"] == 8
-    model = onnx.load(result["path"])
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert json.loads(meta["headstart.classes"]) == load_run(run_dir).class_names == ["blue", "red"]
-    assert json.loads(meta["headstart.input"])["size"] == [224, 224]
+    meta = read_metadata(result["path"])
+    assert meta["classes"] == load_run(run_dir).class_names == ["blue", "red"]
+    assert meta["input"] == result["input"] and meta["input"]["size"] == [224, 224] and meta["tta"] == "none"
+    assert [m["backbone"] for m in meta["members"]] == [m["backbone"] for m in result["members"]]
     session = ort.InferenceSession(result["path"], providers=["CPUExecutionProvider"])
     for n in (1, 3):
         proba = session.run(None, {"image": np.zeros((n, 3, 224, 224), np.uint8)})[0]
