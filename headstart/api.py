@@ -32,7 +32,7 @@ from ._validation import (
 )
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .cache import FeatureCache
-from .data import BadFile, ImageSet, list_image_paths, load_images, max_pixels
+from .data import BadFile, ImageSet, in_class_order, list_image_paths, load_images, max_pixels
 from .errors import DataError, UsageError
 from .export import export  # noqa: F401  (part of this API)
 from .features import extract_features
@@ -117,13 +117,9 @@ def check_reading(batch_size: Any, num_workers: Any, weights: Any = None, tta: s
 def _images_for_evaluation(run: AnyRun, data: Any) -> tuple[Any, ImageSet, np.ndarray]:
     loaded = load_images(data, val_split=0, min_classes=1)
     images = loaded.val if loaded.val is not None else loaded.train
-    names = run.class_names
-    unknown = sorted(set(images.class_names) - set(names))
-    if unknown:
-        raise DataError(f"'{data}' has class(es) {unknown} that run '{run.path}' was not trained on "
-                        f"(it knows {names}); evaluate on those classes only, or train a run that has them")
-    remap = np.asarray([names.index(n) for n in images.class_names], dtype=np.int64)
-    return loaded, images, remap[images.labels]
+    ordered = in_class_order(images, run.class_names, str(data), f"run '{run.path}'",
+                             "evaluate on those classes only, or train a run that has them")
+    return loaded, images, ordered.labels
 
 
 def evaluate(

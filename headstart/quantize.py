@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_write_bytes
-from .data import ImageSet, load_images, stratified_split
+from .data import ImageSet, in_class_order, load_images, stratified_split
 from .errors import DataError
 from .export_check import Runner, onnx_runner, prepare_all, quiet, run_batches, run_data_source
 from .export_graph import INPUT_NAME
@@ -119,13 +119,8 @@ def _run_training_images(run: AnyRun, cache: Any) -> tuple[ImageSet, ImageSet | 
 
 def _in_run_order(run: AnyRun, images: ImageSet, source: str) -> ImageSet:
     """``images`` with labels re-numbered in the run's class order; refused when it has other classes."""
-    names = run.class_names
-    unknown = sorted(set(images.class_names) - set(names))
-    if unknown:
-        raise DataError(f"'{source}' has class(es) {unknown} that run '{run.path}' was not trained on (it knows "
-                        f"{names}); pass labelled data of those classes with --data")
-    remap = np.asarray([names.index(n) for n in images.class_names], dtype=np.int64)
-    return ImageSet(list(images.paths), remap[images.labels], list(names))
+    return in_class_order(images, run.class_names, source, f"run '{run.path}'",
+                          "pass labelled data of those classes with --data")
 
 
 def spread(items: Sequence[Any], n: int) -> list[Any]:

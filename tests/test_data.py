@@ -446,3 +446,16 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header_and_not_rememb
         decode_bytes((tree / "red" / "big.png").read_bytes())
     code, _, err = run_cli(*args)
     assert code == 2 and "HEADSTART_MAX_PIXELS must be a whole number" in err
+
+
+def test_in_class_order_renumbers_and_refuses_unknown_classes():
+    from pathlib import Path
+
+    from headstart.data import ImageSet, in_class_order
+    from headstart.errors import DataError
+
+    images = ImageSet([Path("a.png"), Path("b.png")], np.array([0, 1]), ["bees", "ants"])
+    ordered = in_class_order(images, ["ants", "bees", "wasps"], "data/", "run 'r'", "fix it")
+    assert ordered.labels.tolist() == [1, 0] and ordered.class_names == ["ants", "bees", "wasps"]
+    with pytest.raises(DataError, match=r"'data/' has class\(es\) \['bees'\] that run 'r' was not trained on .*fix it"):
+        in_class_order(images, ["ants"], "data/", "run 'r'", "fix it")

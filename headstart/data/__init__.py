@@ -29,6 +29,7 @@ from .images import (
     BadFile,
     ImageSet,
     LoadedData,
+    in_class_order,
     is_image_file,
     list_image_paths,
     read_csv_manifest,
@@ -41,6 +42,6 @@ from .split import content_groups, stratified_split
 __all__ = [
     "DECODE_VERSION", "DRAFT_MARGIN", "IMAGE_EXTENSIONS", "LAYOUT_HINT", "TRAIN_FOLDER_NAMES", "VAL_FOLDER_NAMES",
     "BadFile", "ImageDecodeError", "ImageSet", "ImageWarning", "LoadedData", "content_groups", "decode_bytes",
-    "decode_image", "draft_description", "draft_scale", "is_image_file", "list_image_paths", "load_images",
-    "max_pixels", "read_csv_manifest", "require_every_class", "scan_class_folders", "stratified_split",
+    "decode_image", "draft_description", "draft_scale", "in_class_order", "is_image_file", "list_image_paths",
+    "load_images", "max_pixels", "read_csv_manifest", "require_every_class", "scan_class_folders", "stratified_split",
 ]

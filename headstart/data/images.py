@@ -71,6 +71,20 @@ class LoadedData:
     notes: list[str] = field(default_factory=list)  # things the user should know, e.g. an unused folder
 
 
+def in_class_order(images: ImageSet, names: Sequence[str], source: str, known_by: str, fix: str) -> ImageSet:
+    """``images`` with labels re-numbered into ``names`` (e.g. a run's class order).
+
+    Raises:
+        DataError: ``images`` has classes ``names`` lacks, naming ``source``, ``known_by`` and ``fix``.
+    """
+    unknown = sorted(set(images.class_names) - set(names))
+    if unknown:
+        raise DataError(f"'{source}' has class(es) {unknown} that {known_by} was not trained on (it knows "
+                        f"{list(names)}); {fix}")
+    remap = np.asarray([list(names).index(n) for n in images.class_names], dtype=np.int64)
+    return ImageSet(list(images.paths), remap[images.labels], list(names))
+
+
 def require_every_class(labels: np.ndarray, class_names: Sequence[str], bad_files: Sequence[Any]) -> None:
     """Raise :class:`DataError` when a class has no usable training image left, naming a few bad files.
 
