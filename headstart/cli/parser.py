@@ -285,6 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, backbone=False)
     p.set_defaults(func=commands.cmd_sweep)
 
+    _add_export(sub)
+    _add_serve(sub)
+    _add_inspect(sub)
+    _add_cache(sub)
+    _add_debug(sub.choices.values())
+    return parser
+
+
+def _add_debug(subparsers: Iterable[argparse.ArgumentParser]) -> None:
+    """``--debug`` after the command too (``headstart train ... --debug``); an alias's parser gets it once."""
+    for p in {id(p): p for p in subparsers}.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
+def _add_export(sub: Any) -> None:
+    """The ``export`` subcommand."""
     p = sub.add_parser("export", help="export a run to one ONNX graph (image -> probabilities), verified in "
                                       "ONNX Runtime, with a model card",
                        description="Write one self-contained graph from a uint8 image batch (N x 3 x H x W, the run's "
@@ -310,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, backbone=False)
     p.set_defaults(func=commands.cmd_export)
 
+
+def _add_serve(sub: Any) -> None:
+    """The ``serve`` subcommand."""
     p = sub.add_parser("serve", help="serve a run over HTTP (POST /predict, GET /health, GET /metadata)",
                        description="An HTTP server for a run (FastAPI + uvicorn; pip install 'headstart[serve]'). "
                                    "Concurrent requests are batched; request size and image pixels are limited; "
@@ -327,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no log line per request")
     p.set_defaults(func=commands.cmd_serve)
 
+
+def _add_inspect(sub: Any) -> None:
+    """The ``inspect`` subcommand."""
     p = sub.add_parser("inspect", help="find likely label errors, near-duplicates, train/val leakage and outliers",
                        description="Look at labelled data through its cached features: likely label errors by "
                                    "confident learning on out-of-fold probabilities of the head the selection "
@@ -350,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=commands.cmd_inspect)
 
+
+def _add_cache(sub: Any) -> None:
+    """The ``cache`` subcommand."""
     p = sub.add_parser("cache", help="look after the feature cache: info, verify, prune, clear",
                        description="info: size, models and rows, orphan shards. verify: SQLite's integrity check "
                                    "and every shard's sha256 (damaged shards are dropped, to be recomputed; exit 1 "
@@ -362,11 +387,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="confirm 'clear'")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=commands.cmd_cache)
-    _add_debug(sub.choices.values())
-    return parser
-
-
-def _add_debug(subparsers: Iterable[argparse.ArgumentParser]) -> None:
-    """``--debug`` after the command too (``headstart train ... --debug``); an alias's parser gets it once."""
-    for p in {id(p): p for p in subparsers}.values():
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
