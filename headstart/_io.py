@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -40,6 +41,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (the one file hash: cache, runs, weights, exports)."""
+    with open(path, "rb") as handle:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while block := handle.read(1 << 20):
+            digest.update(block)
+        return digest.hexdigest()
 
 
 def _is_disk_full(exc: OSError) -> bool:

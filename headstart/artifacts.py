@@ -9,7 +9,6 @@ damaged (zeroed, truncated, bit-flipped), deleted or taken from another run. A h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -17,10 +16,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ._constants import HEAD_TYPES
+from ._io import sha256_file
 from .errors import HeadFileError, RunError
 
 DIGESTS = "artifacts"  # the key of run.json that holds the digests
-_BLOCK = 1 << 20
 
 
 def refusal(folder: Path, problem: str) -> RunError:
@@ -32,13 +31,8 @@ def refusal(folder: Path, problem: str) -> RunError:
 
 
 def file_digest(path: Path) -> dict[str, Any]:
-    """``{"sha256": hex digest, "bytes": size}`` of the file at ``path``, read in blocks of 1 MiB."""
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while block := handle.read(_BLOCK):
-            sha.update(block)
-            size += len(block)
-    return {"sha256": sha.hexdigest(), "bytes": size}
+    """``{"sha256": hex digest, "bytes": size}`` of the file at ``path``."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def record_digests(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:

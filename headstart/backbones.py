@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._constants import DEFAULT_BACKBONE
+from ._io import sha256_file
 from .errors import UnknownBackboneError, UsageError, WeightsError
 
 
@@ -163,14 +164,6 @@ def list_backbones(pattern: str = "*") -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- weights
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_dict_digest(model: nn.Module) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import socket
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import disk_full
+from .._io import disk_full, sha256_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS file_hashes (
@@ -56,13 +55,6 @@ def _db_text(path: str) -> str:
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-
-
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as handle:
-        if hasattr(hashlib, "file_digest"):
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def _read_error(exc: OSError, path: str) -> str:
@@ -168,7 +160,7 @@ class Index:
                 if hit and tuple(hit[:4]) == stamp:
                     keys.append(hit[4])
                     continue
-                digest = _file_sha256(real)
+                digest = sha256_file(real)
             except OSError as exc:
                 keys.append(None)
                 errors[i] = _read_error(exc, real)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, sha256_file
 
 FORMAT = 1
 
@@ -85,9 +85,7 @@ def damage(shard_path: Path) -> str | None:
         size = shard_path.stat().st_size
         if size != meta.get("bytes"):
             return f"it has {size} bytes, its checksum file says {meta.get('bytes')}"
-        with open(shard_path, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
-                hashlib.sha256(handle.read()).hexdigest()
+        digest = sha256_file(shard_path)
     except ValueError as exc:
         return str(exc)
     except OSError as exc:
