@@ -68,6 +68,13 @@ def extract(
     check_reading(batch_size, num_workers, None if isinstance(backbone, Backbone) else weights)
     check_precision(precision, "precision (--precision)")
     check_choice(engine, ENGINES, "engine (--engine)")
+    with distributed.session():  # under torchrun (the CLI has joined already; from Python it joins here)
+        return _extract(data, backbone, weights, cache_dir, precision, batch_size, num_workers, progress, engine)
+
+
+def _extract(data: str | os.PathLike[str], backbone: str | Backbone, weights: str, cache_dir: Any, precision: str,
+             batch_size: int, num_workers: int | None, progress: bool, engine: str) -> dict[str, Any]:
+    """:func:`extract` after its checks, in this rank's process group if any."""
     loaded = load_images(data, val_split=0, min_classes=1)  # a train/ + val/ tree still yields both parts
     paths = loaded.train.paths + (loaded.val.paths if loaded.val else [])
     bad, computed, cached, seconds = [], 0, 0, 0.0

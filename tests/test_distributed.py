@@ -138,6 +138,24 @@ def test_sharded_extraction_survives_a_killed_rank_and_equals_one_process(tmp_pa
     assert _rows(cache) == reference
 
 
+def test_the_python_api_joins_torchrun_too(tmp_path, photos):
+    """``headstart.extract`` in a script started by torchrun shares the work like the CLI does."""
+    data, reference = photos
+    script = tmp_path / "extract.py"
+    script.write_text("import json, os, sys, headstart\n"  # one file per rank: their stdout lines interleave
+                      "out = headstart.extract(sys.argv[1], cache_dir=sys.argv[2], engine='torch', precision='fp32',"
+                      " batch_size=16, num_workers=0, progress=False)\n"
+                      "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'w').write(json.dumps(out))\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(data), str(tmp_path / "shared")]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outs = [json.loads((tmp_path / f"shared.rank{r}").read_text()) for r in (0, 1)]  # each rank: the sums
+    for out in outs:
+        assert out["n_computed"] == 40 and sorted(r["n_images"] for r in out["ranks"]) == [20, 20]
+    assert _rows(tmp_path / "shared") == reference
+
+
 TRAIN = ("--freeze", "7", "--optimizer", "sgd", "--precision", "fp32", "--workers", "0", "--quiet", "--json")
 
 
