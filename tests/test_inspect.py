@@ -140,6 +140,16 @@ def test_confident_learning_finds_flipped_labels():
     assert find_label_issues(np.eye(k)[true] * 0.98 + 0.01, true) == []  # clean labels: nothing flagged
 
 
+def test_an_image_predicted_as_its_given_label_is_not_flagged():
+    """Two flipped images (labelled 0, class 1 likelier) set the count to 2; the image with the lowest
+    self-confidence is an ambiguous one whose most probable class is still its label: not flagged."""
+    proba = np.array([[0.9, 0.05, 0.05]] * 8 + [[0.25, 0.5, 0.25]] * 8 + [[0.05, 0.05, 0.9]] * 8
+                     + [[0.4, 0.3, 0.3], [0.45, 0.55, 0.0], [0.46, 0.54, 0.0]])
+    given = np.array([0] * 8 + [1] * 8 + [2] * 8 + [0, 0, 0])
+    found = find_label_issues(proba, given)
+    assert [(t.index, t.suggested) for t in found] == [(25, 1)]  # not 24 (0.40 of its label), nor 26 (3rd)
+
+
 def test_the_evaluation_report_links_the_findings(inspected, data, tmp_path, run_cli):
     found, out = inspected
     code, _, err = run_cli("train", data, "--out", tmp_path / "run", "--cache-dir", out / "cache", "--workers", "0",

@@ -6,12 +6,17 @@ From out-of-fold probabilities ``p`` (n x k) and given labels ``y``:
 2. the *confident joint* ``C[i, j]``: images labelled ``i`` whose probability of ``j`` reaches ``t_j``
    (of several such classes, the most probable), counted per (given, likely true) pair;
 3. ``C`` calibrated so each row sums to the count of its label, normalised to the joint ``Q``;
-4. the number of label errors is estimated as ``n * (1 - trace Q)``, and that many images with the
-   lowest self-confidence (the probability of the given label) are flagged, lowest first.
+4. the number of label errors is estimated from ``n * Q``'s off-diagonal cells, each rounded to whole
+   images before they are summed (the paper prunes per cell; a confusion spread thinly over many
+   pairs of classes, under half an image per cell, counts for nothing); of that many images with the
+   lowest self-confidence (the probability of the given label), those whose most probable class is
+   another one are flagged, lowest first (an image the head predicts as its given label is not a
+   confident error; cleanlab drops those too).
 
 Step 4 is the paper's count with a self-confidence ranking rather than its prune-by-noise-rate
-margins: over ants/bees and intel_scenes at 5% and 10% flipped labels (2 seeds), it found as many or
-more of the flipped labels at the same or better precision in 6 of 8 cases (benchmarks/inspection.py).
+margins: over ants/bees and intel_scenes at 5% and 10% flipped labels (4 seeds; each set as given
+and without its own questionable labels), its recall is within 0.03 of cleanlab's or better, and
+its precision within 0.02 or better (benchmarks/inspection.py).
 """
 
 from __future__ import annotations
@@ -63,9 +68,11 @@ def find_label_issues(proba: np.ndarray, y: np.ndarray) -> list[LabelIssue]:
     y = np.asarray(y, dtype=np.int64)
     n = len(y)
     joint, _ = confident_joint(proba, y)
-    count = round(float(n * (1.0 - np.trace(noise_joint(joint, y)))))
+    cells = np.rint(n * noise_joint(joint, y))
+    count = int(cells.sum() - np.trace(cells))
     self_confidence = proba[np.arange(n), y]
-    flagged = np.argsort(self_confidence, kind="stable")[:count]
+    lowest = np.argsort(self_confidence, kind="stable")[:count]
+    flagged = lowest[proba[lowest].argmax(axis=1) != y[lowest]]
     return [_issue(proba[i], int(i), int(y[i])) for i in flagged.tolist()]
 
 
