@@ -46,6 +46,8 @@ from PIL import Image
 from headstart.inspection.confident import find_label_issues
 from headstart.inspection.findings import (
     NEAR_DUPLICATE,
+    THUMBNAIL_FEATURE_FLOOR,
+    THUMBNAIL_NEAR,
     Inspected,
     _load,
     classes,
@@ -54,6 +56,7 @@ from headstart.inspection.findings import (
     similar,
 )
 from headstart.inspection.neighbours import normalise
+from headstart.inspection.thumbnails import thumbnail
 from headstart.selection import Grid, select_head
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -137,8 +140,9 @@ def verdict(rows: list[list]) -> str:
 
 
 def copy_similarities(seen: Inspected, scales: tuple[float, float], qualities: tuple[int, int], n: int = 30,
-                      seed: int = 0) -> tuple[np.ndarray, float]:
-    """(similarity of each planted copy to its original, the highest similarity of two distinct images)."""
+                      seed: int = 0) -> dict[str, float]:
+    """The planted copies' similarities to their originals (features and thumbnails), how many of them
+    `inspect` reports, and the most alike pair of distinct images by either signal and under its rule."""
     from headstart.backbones import create_backbone
     from headstart.features import extract_features
 
@@ -157,13 +161,27 @@ def copy_similarities(seen: Inspected, scales: tuple[float, float], qualities: t
             copies.append(path)
         bb = create_backbone("tf_efficientnet_lite0", "default")
         feats = extract_features(bb, copies, progress=False).features
+        copy_thumbs = np.stack([thumbnail(c) for c in copies])
     unit, planted = normalise(seen.features), normalise(feats)
-    copy_sims = (unit[torch_index(picks)] * planted).sum(dim=1).numpy()
-    sims = unit @ unit.T
-    sims.fill_diagonal_(-1.0)
+    thumbs = np.stack([thumbnail(p) for p in seen.paths])
+    pooled = (unit[torch_index(picks)] * planted).sum(dim=1).numpy()
+    small = (thumbs[picks] * copy_thumbs).sum(axis=1)
+    found = reported(pooled, small)
+    sims, thumb_sims = (unit @ unit.T).numpy(), thumbs @ thumbs.T
     same = np.asarray(seen.keys)
-    sims[np.asarray(same[:, None] == same[None, :])] = -1.0
-    return copy_sims, float(sims.max())
+    distinct = np.triu(same[:, None] != same[None, :], 1)
+    flagged = distinct & reported(sims, thumb_sims)
+    return {"pooled_min": float(pooled.min()), "pooled_median": float(np.median(pooled)),
+            "thumb_min": float(small.min()), "found": int(found.sum()), "n": len(picks),
+            "found_by_features": int((pooled >= NEAR_DUPLICATE).sum()),
+            "distinct_pooled_max": float(sims[distinct].max()),
+            "distinct_thumb_max": float(thumb_sims[distinct & (sims >= THUMBNAIL_FEATURE_FLOOR)].max()),
+            "false_pairs": int(flagged.sum())}
+
+
+def reported(features: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
+    """Whether `inspect` reports a pair with these similarities (headstart/inspection/findings.py)."""
+    return (features >= NEAR_DUPLICATE) | ((thumbs >= THUMBNAIL_NEAR) & (features >= THUMBNAIL_FEATURE_FLOOR))
 
 
 def torch_index(index: np.ndarray):  # -> torch.Tensor
@@ -177,10 +195,12 @@ def timing(seen: Inspected, n: int) -> float:
     reps = -(-n // len(seen.paths))
     originals = np.arange(reps * len(seen.paths)) % len(seen.paths)  # copies of one image share a group,
     noise = rng.normal(0, 0.05, (len(originals), seen.features.shape[1]))  # as identical files do
+    thumbs = np.stack([thumbnail(p) for p in seen.paths])[originals[:n]]
+    thumbs = (thumbs + rng.normal(0, 0.01, thumbs.shape)).astype(np.float32)
     big = Inspected([seen.paths[i] for i in originals[:n]], seen.labels[originals[:n]],
                     [seen.split[i] for i in originals[:n]], seen.class_names, [str(i) for i in originals[:n]],
                     (seen.features[originals] + noise)[:n].astype(np.float32), np.zeros((n, len(seen.class_names))),
-                    seen.setting, [])
+                    seen.setting, [], thumbs)
     start = time.perf_counter()
     big.oof, _ = out_of_fold(big.features, big.labels, big.keys, Grid(source=("pooled",)), 5, 0, None)
     label_issues(big)
@@ -231,17 +251,27 @@ def main() -> None:
           "cleanlab on either figure at 5% and 10%")
     for line in verdicts:
         print(f"  {line}")
-    print(f"\nnear-duplicates (cosine of pooled features; threshold {NEAR_DUPLICATE}):")
+    print(f"\nnear-duplicates: features' cosine >= {NEAR_DUPLICATE}, or thumbnails' >= {THUMBNAIL_NEAR} where the "
+          f"features' >= {THUMBNAIL_FEATURE_FLOOR}")
+    print(f"  {'set':16} {'copies':6} {'scale':>7} {'JPEG q':>6}  {'features min/median':>19} {'thumb min':>9} "
+          f"{'found':>6} {'(by features)':>13}   distinct pairs: {'features max':>12} {'thumb max':>9} {'false':>5}")
     for name, seen in loaded.items():
         for edit, scales, qualities in (("mild", (0.85, 1.0), (80, 95)), ("strong", (0.5, 0.9), (50, 90))):
-            copy_sims, distinct = copy_similarities(seen, scales, qualities)
-            print(f"  {name:16} {edit:6} copies (scale {scales[0]}-{scales[1]}, JPEG q{qualities[0]}-{qualities[1]}): "
-                  f"min {copy_sims.min():.4f}, median {np.median(copy_sims):.4f}, found "
-                  f"{int((copy_sims >= NEAR_DUPLICATE).sum())}/{len(copy_sims)}; distinct images: max {distinct:.4f}")
+            c = copy_similarities(seen, scales, qualities)
+            print(f"  {name:16} {edit:6} {scales[0]:.2f}-{scales[1]:.1f} {qualities[0]:>2}-{qualities[1]:<3}  "
+                  f"{c['pooled_min']:9.4f}/{c['pooled_median']:.4f} {c['thumb_min']:9.4f} {c['found']:3d}/{c['n']:<2} "
+                  f"{c['found_by_features']:10d}/{c['n']:<2}                   {c['distinct_pooled_max']:12.4f} "
+                  f"{c['distinct_thumb_max']:9.4f} {c['false_pairs']:5d}")
     print("\nseconds after extraction (selection for out-of-fold probabilities, confident learning, neighbours):")
     seen = loaded["intel_scenes"]
     ants = loaded["ants_bees_train"]
     print(f"  {len(ants.paths)} images (ants/bees): {timing(ants, len(ants.paths)):.1f} s")
+    start = time.perf_counter()
+    every = ants.paths + seen.paths
+    for path in every:
+        thumbnail(path)
+    print(f"  thumbnails (decoded once, then cached): {len(every) / (time.perf_counter() - start):.0f} images/s on "
+          "one thread, ants/bees and intel_scenes photos")
     print(f"  5000 images (intel_scenes rows repeated with noise, copies grouped): {timing(seen, 5000):.1f} s")
     n = int(os.environ.get("INSPECT_NEIGHBOURS", "20000"))
     seconds, grown = neighbours_at_scale(n)

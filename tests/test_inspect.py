@@ -35,8 +35,8 @@ def _crops(name: str, n: int, rng: np.random.Generator) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """train/ + val/ of textures and scenes, with a planted copy across the splits, a flat image and a
-    texture filed under scenes."""
+    """train/ + val/ of textures and scenes, with planted copies across the splits (mild and strong), a
+    flat image and a texture filed under scenes."""
     root = tmp_path_factory.mktemp("inspect") / "data"
     rng = np.random.default_rng(0)
     for label, sources in (("textures", TEXTURES), ("scenes", SCENES)):
@@ -49,6 +49,9 @@ def data(tmp_path_factory) -> Path:
     buffer = io.BytesIO()
     original.resize((248, 248)).save(buffer, format="JPEG", quality=95)  # resized and recompressed
     (root / "val" / "scenes" / "copy_of_scenes_0.jpg").write_bytes(buffer.getvalue())
+    buffer = io.BytesIO()
+    Image.open(root / "train" / "scenes" / "scenes_1.png").resize((128, 128)).save(buffer, format="JPEG", quality=60)
+    (root / "val" / "scenes" / "small_copy_of_scenes_1.jpg").write_bytes(buffer.getvalue())  # half size, q60
     Image.new("RGB", (SIZE, SIZE), (128, 128, 128)).save(root / "train" / "scenes" / "flat.png")
     _crops("gravel", 1, np.random.default_rng(7))[0].save(root / "train" / "scenes" / "mislabelled.png")
     return root
@@ -90,6 +93,15 @@ def test_a_resized_recompressed_copy_across_train_and_val_is_leakage(inspected):
     assert planted["across_splits"] and planted["similarity"] >= found["near_duplicate_threshold"]
 
 
+def test_a_half_size_low_quality_copy_is_found_by_its_thumbnail(inspected):
+    found, _ = inspected
+    pairs = {frozenset((Path(d["a"]).name, Path(d["b"]).name)): d for d in found["near_duplicates"]}
+    planted = pairs[frozenset(("scenes_1.png", "small_copy_of_scenes_1.jpg"))]
+    assert planted["across_splits"] and planted["thumbnail_similarity"] >= found["thumbnail_threshold"]
+    assert all(d["thumbnail_similarity"] is None or d["thumbnail_similarity"] >= found["thumbnail_threshold"]
+               for d in found["near_duplicates"])
+
+
 def test_the_flat_image_is_the_first_outlier(inspected):
     found, _ = inspected
     assert Path(found["outliers"][0]["path"]).name == "flat.png"
@@ -118,6 +130,7 @@ def test_the_fix_manifest_trains(inspected, data, tmp_path, run_cli):
 def test_class_names_are_escaped_in_the_page(tmp_path):
     hostile = "<script>alert(1)</script>"
     findings = {"data": f"data/{hostile}", "n_images": 2, "setting": hostile, "near_duplicate_threshold": 0.93,
+                "thumbnail_threshold": 0.985,
                 "label_issues": [{"path": f"{hostile}.png", "given": hostile, "suggested": "b", "confidence": 0.9}],
                 "near_duplicates": [], "exact_duplicates": [], "outliers": [],
                 "classes": {hostile: {"count": 1, "cv_accuracy": 1.0, "confused_with": []}}}
@@ -176,3 +189,24 @@ def test_a_large_set_is_ranked_on_a_sample_and_cross_fitted_on_every_image():
     folds = group_folds(y, groups, 5, 0)
     assert all(folds[i] == folds[i + 1] for i in range(0, 600, 2))  # a group stays in one fold
     assert {int((folds[y == c] == f).sum()) for c in range(3) for f in range(5)} == {40}  # stratified
+
+
+def test_thumbnails_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from headstart.cache import FeatureCache
+    from headstart.inspection import thumbnails as module
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(paths[-1])
+    real, decoded = module.thumbnail, []
+    monkeypatch.setattr(module, "thumbnail", lambda path: decoded.append(path) or real(path))
+    keys = ["a", "b", "a"]  # the third is an exact copy of the first
+    with FeatureCache(tmp_path / "cache") as cache:
+        first = module.thumbnails(paths, keys, cache)
+    assert decoded == paths[:2] and np.array_equal(first[0], first[2])
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-3)
+    with FeatureCache(tmp_path / "cache") as cache:
+        again = module.thumbnails(paths, keys, cache)
+    assert decoded == paths[:2] and np.allclose(first, again, atol=1e-3)  # (the cache may store float16)

@@ -30,8 +30,8 @@ def inspect(data: str | os.PathLike[str], *, out: str | os.PathLike[str] = "insp
 
     Returns:
         The findings: ``label_issues`` (``path``, ``given``, ``suggested``, ``confidence``),
-        ``near_duplicates`` (``a``, ``b``, ``similarity``, ``across_splits``), ``exact_duplicates``,
-        ``outliers`` (``path``, ``score``), ``classes`` (per class ``count``, ``cv_accuracy``,
+        ``near_duplicates`` (``a``, ``b``, ``similarity``, ``thumbnail_similarity``, ``across_splits``),
+        ``exact_duplicates``, ``outliers`` (``path``, ``score``), ``classes`` (per class ``count``, ``cv_accuracy``,
         ``confused_with``), ``files`` written, ``seconds``.
     """
     start = time.perf_counter()

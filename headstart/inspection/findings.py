@@ -4,8 +4,10 @@ One pass over the data: the clean view's pooled features (from the cache), out-o
 of the head the selection would choose (every image ranked, grouped by content), then
 
 * likely label errors: confident learning on those probabilities (:mod:`.confident`);
-* exact copies (same bytes) and near-duplicates (cosine similarity of the features at or above
-  ``NEAR_DUPLICATE``), each marked when it spans the given train/val splits (leakage);
+* exact copies (same bytes) and near-duplicates: pairs whose features' cosine similarity reaches
+  ``NEAR_DUPLICATE``, or whose tiny thumbnails correlate at ``THUMBNAIL_NEAR`` or more (shrunk or
+  recompressed copies, :mod:`.thumbnails`) with features at least ``THUMBNAIL_FEATURE_FLOOR`` alike;
+  each marked when it spans the given train/val splits (leakage);
 * outliers: images far from their nearest neighbours in feature space (:mod:`.neighbours`);
 * per class: count, out-of-fold accuracy, the classes it is confused with.
 """
@@ -28,9 +30,12 @@ from ..features import extract_features
 from ..selection import DEFAULT_FOLDS, Grid, Selection, fit_candidate, grid_with_classifier, select_head
 from ..sources import Classifier
 from .confident import find_label_issues
-from .neighbours import neighbours
+from .neighbours import neighbours, normalise
+from .thumbnails import thumbnails
 
 NEAR_DUPLICATE = 0.93  # cosine similarity of pooled features; see benchmarks/inspection.py
+THUMBNAIL_NEAR = 0.985  # correlation of 16 x 16 thumbnails (copies >= 0.993, distinct photos <= 0.968) ...
+THUMBNAIL_FEATURE_FLOOR = 0.5  # ... of images whose features agree this much too (such copies: >= 0.65)
 OUTLIER_Z = 3.5  # robust z-score of the k-NN distance from which an image is flagged as an outlier
 MAX_OUTLIERS = 50
 MIN_LISTED = 3  # the farthest images listed even when none is flagged (small or mixed sets: a wide spread)
@@ -50,6 +55,7 @@ class Inspected:
     oof: np.ndarray  # (n, k)
     setting: str
     bad_files: list[dict[str, str]]
+    thumbnails: np.ndarray | None = None  # (n, thumbnails.DIM), the second near-duplicate signal
 
 
 def inspect_data(data: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKBONE, weights: str = "default",
@@ -78,13 +84,14 @@ def _load(data: str | os.PathLike[str], backbone: str, weights: str, cache_dir: 
                                   progress=progress, desc="features")
         keys = [k or f"unreadable:{i}" for i, k in enumerate(cache.image_keys(paths)[0])]
         grid, classifier, _ = grid_with_classifier({}, bb, weights, memo=cache)
-    ok = np.flatnonzero(result.ok)
+        ok = np.flatnonzero(result.ok)
+        small = thumbnails([paths[i] for i in ok], [keys[i] for i in ok], cache, progress)
     bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
     if len(np.unique(labels[ok])) < 2:
         raise DataError(f"'{data}' has fewer than 2 classes with usable images; inspect needs labelled classes")
     x, y, groups = result.features[ok], labels[ok], [keys[i] for i in ok]
     oof, setting = out_of_fold(x, y, groups, grid, folds, seed, classifier, progress)
-    return Inspected([paths[i] for i in ok], y, [split[i] for i in ok], names, groups, x, oof, setting, bad)
+    return Inspected([paths[i] for i in ok], y, [split[i] for i in ok], names, groups, x, oof, setting, bad, small)
 
 
 def out_of_fold(x: np.ndarray, y: np.ndarray, groups: Sequence[str], grid: Grid, folds: int, seed: int,
@@ -142,12 +149,21 @@ def label_issues(seen: Inspected) -> list[dict[str, Any]]:
 
 
 def similar(seen: Inspected, threshold: float) -> dict[str, Any]:
-    """Exact copies, near-duplicates and outliers."""
+    """Exact copies, near-duplicates (by features, or by thumbnails) and outliers."""
     found = neighbours(seen.features, threshold, k=KNN, same=seen.keys)
+    pairs = {(i, j): (s, None) for i, j, s in found.pairs}
+    if seen.thumbnails is not None:
+        unit = normalise(seen.features)
+        for i, j, t in neighbours(seen.thumbnails, THUMBNAIL_NEAR, k=0, same=seen.keys).pairs:
+            s = pairs.get((i, j), (float(unit[i] @ unit[j]), None))[0]
+            if s >= THUMBNAIL_FEATURE_FLOOR:
+                pairs[i, j] = (s, t)
     near = [{"a": str(seen.paths[i]), "b": str(seen.paths[j]), "similarity": round(s, 4),
-             "across_splits": seen.split[i] != seen.split[j]} for i, j, s in found.pairs]
+             "thumbnail_similarity": None if t is None else round(t, 4),
+             "across_splits": seen.split[i] != seen.split[j]}
+            for (i, j), (s, t) in sorted(pairs.items(), key=lambda item: (-(item[1][1] or 0.0), -item[1][0]))]
     return {"exact_duplicates": _exact(seen), "near_duplicates": near, "near_duplicate_threshold": threshold,
-            "outliers": _outliers(seen, found.knn_distance)}
+            "thumbnail_threshold": THUMBNAIL_NEAR, "outliers": _outliers(seen, found.knn_distance)}
 
 
 def _exact(seen: Inspected) -> list[dict[str, Any]]:

@@ -36,14 +36,15 @@ def write_findings(findings: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def _csv(findings: dict[str, Any]) -> str:
-    """One row per finding: kind, path, other path, given, suggested, score, across splits."""
+    """One row per finding: kind, path, other path, given, suggested, score, across splits, thumbnail similarity."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["kind", "path", "other", "given", "suggested", "score", "across_splits"])
+    writer.writerow(["kind", "path", "other", "given", "suggested", "score", "across_splits", "thumbnail_similarity"])
     for t in findings["label_issues"]:
         writer.writerow(["label_issue", t["path"], "", t["given"], t["suggested"], t["confidence"], ""])
     for d in findings["near_duplicates"]:
-        writer.writerow(["near_duplicate", d["a"], d["b"], "", "", d["similarity"], d["across_splits"]])
+        writer.writerow(["near_duplicate", d["a"], d["b"], "", "", d["similarity"], d["across_splits"],
+                         "" if d.get("thumbnail_similarity") is None else d["thumbnail_similarity"]])
     for group in findings["exact_duplicates"]:
         for other in group["paths"][1:]:
             writer.writerow(["exact_duplicate", group["paths"][0], other, "", "", 1.0, group["across_splits"]])
@@ -68,8 +69,9 @@ def _page(findings: dict[str, Any]) -> str:
                                f"suggested: {t['suggested']} ({t['confidence']:.2f})"]) for t in issues[:GALLERY]])),
              section("leakage", f"The same or nearly the same image in training and validation ({len(leaks)})",
                      _pairs(leaks)) if leaks else "",
-             section("near-duplicates", f"Near-duplicates ({len(near)}; cosine >= "
-                     f"{findings['near_duplicate_threshold']})", _pairs(near[:GALLERY])),
+             section("near-duplicates", f"Near-duplicates ({len(near)}; features' cosine >= "
+                     f"{findings['near_duplicate_threshold']}, or thumbnails' >= {findings['thumbnail_threshold']})",
+                     _pairs(near[:GALLERY])),
              section("outliers", f"Farthest from every other image ({sum(o['flagged'] for o in findings['outliers'])}"
                                  f" flagged: robust z >= 3.5)", gallery(
                  [(o["path"], [Path(o["path"]).name, f"label: {o['label']}", f"distance {o['score']:.3f}, z {o['z']}"])
@@ -82,6 +84,8 @@ def _pairs(pairs: list[dict[str, Any]]) -> str:
     for p in pairs:
         a, b = (p["a"], p["b"]) if "a" in p else (p["paths"][0], p["paths"][1])
         score = f"similarity {p['similarity']:.3f}" if "similarity" in p else "identical bytes"
+        if p.get("thumbnail_similarity") is not None:
+            score += f", thumbnail {p['thumbnail_similarity']:.3f}"
         items += [(a, [Path(a).name, score]), (b, [Path(b).name, "across splits" if p["across_splits"] else ""])]
     return gallery(items) if items else "<p>None.</p>"
 
