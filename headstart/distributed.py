@@ -243,12 +243,23 @@ def _global_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, runni
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks, differentiable (its gradient is the sum of the ranks' gradients)."""
-    import warnings
+    return _SumOverRanks.apply(tensor)
 
-    from torch.distributed.nn.functional import all_reduce
 
-    with warnings.catch_warnings():  # deprecated for the functional collectives, which have no autograd on gloo
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        return all_reduce(tensor, group=_BN_GROUP)
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) with a backward: each rank's loss depends on the sum, so the gradient of every
+    rank's input is the sum of the ranks' output gradients. Written here because
+    ``torch.distributed.nn.functional.all_reduce`` is deprecated and the functional collectives that
+    replace it have no autograd on gloo. Runs on the batch-norm group, apart from DDP's reductions."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, group=_BN_GROUP)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=_BN_GROUP)
+        return grad

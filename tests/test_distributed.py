@@ -219,3 +219,55 @@ def test_ddp_resumes_after_a_kill_and_continues_the_same_run(tmp_path, photos):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     _assert_close(_weights(run), _weights(tmp_path / "one"))
+
+
+def _batch_norm_inputs():  # -> x, weight, bias and the upstream gradient: the same in every process
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, 3, 3, generator=g) * 3 + 1
+    weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    return x, weight, bias, torch.randn(12, 4, 3, 3, generator=g)
+
+
+def _batch_norm_rank(rank: int, store: str, outs: list[str]) -> None:
+    """One of 2 gloo ranks: its half of the batch through the global batch norm, forward and backward."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from headstart import distributed
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    try:
+        x, weight, bias, upstream = _batch_norm_inputs()
+        mine = x[rank * 6:(rank + 1) * 6].clone().requires_grad_(True)
+        mean, var = torch.zeros(4), torch.ones(4)
+        with distributed.global_batch_norm():
+            y = F.batch_norm(mine, mean, var, weight, bias, training=True, momentum=0.1, eps=1e-5)
+        (y * upstream[rank * 6:(rank + 1) * 6]).sum().backward()
+        torch.save({"y": y.detach(), "grad": mine.grad, "mean": mean, "var": var}, outs[rank])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_norm_and_its_gradient_equal_one_process_on_the_whole_batch(tmp_path):
+    """Output, input gradient (which flows through the statistics of every rank's rows) and running
+    statistics of 2 ranks with 6 rows each equal ``F.batch_norm`` on the 12 rows in one process."""
+    import torch
+    import torch.multiprocessing as mp
+    import torch.nn.functional as F
+
+    outs = [str(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    mp.start_processes(_batch_norm_rank, args=(str(tmp_path / "store"), outs), nprocs=2, start_method="spawn")
+    x, weight, bias, upstream = _batch_norm_inputs()
+    x.requires_grad_(True)
+    mean, var = torch.zeros(4), torch.ones(4)
+    y = F.batch_norm(x, mean, var, weight, bias, training=True, momentum=0.1, eps=1e-5)
+    (y * upstream).sum().backward()
+    got = [torch.load(o, weights_only=True) for o in outs]
+    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([g["grad"] for g in got]), x.grad, rtol=1e-4, atol=1e-5)
+    for g in got:
+        torch.testing.assert_close(g["mean"], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g["var"], var, rtol=1e-5, atol=1e-6)
