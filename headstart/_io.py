@@ -43,6 +43,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             tmp.unlink()
 
 
+def copy_tree_durable(source: Path, target: Path) -> None:
+    """``shutil.copytree`` with every file and folder fsynced, so that a rename of ``target`` (or of the
+    folder holding it) into place afterwards never exposes empty or partial copies after a crash."""
+    import shutil
+
+    def copy(src: str, dst: str) -> None:
+        shutil.copy2(src, dst)
+        with open(dst, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+    shutil.copytree(source, target, copy_function=copy)
+    for folder in [target, *(p for p in target.rglob("*") if p.is_dir())]:
+        fsync_dir(folder)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes, read in blocks (the one file hash: cache, runs, weights, exports)."""
     with open(path, "rb") as handle:

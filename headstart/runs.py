@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, copy_tree_durable, fsync_dir
 from .artifacts import DIGESTS, check_digests, record_digests, recorded_digests, refusal, warn_unverified
 from .ensemble import check_compatible
 from .errors import HeadFileError, RunError, UsageError
@@ -167,9 +167,11 @@ def swap_into_place(staging: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
         os.replace(out, old)
         os.replace(staging, out)
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)
+        fsync_dir(out.parent)
 
 
 def check_out_folder(out: Path) -> None:
@@ -333,7 +335,7 @@ def write_ensemble_run(out: Path, members: Sequence[Run], member_weights: Sequen
             if move:
                 shutil.move(str(member.path), target)
             else:
-                shutil.copytree(member.path, target)
+                copy_tree_durable(member.path, target)
             entries.append({"path": f"members/{i}", "weight": float(weight), "backbone": member.backbone_name,
                             "freeze": member.info["backbone"].get("freeze", "all"),
                             "source": None if move else str(member.path)})
