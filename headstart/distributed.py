@@ -29,6 +29,7 @@ import torch.distributed as dist
 from .errors import UsageError
 
 _BN_GROUP: Any = None  # the batch-norm statistics' own process group (apart from DDP's gradient reduction)
+_SESSIONS = 0  # process groups this process has joined (every rank joins the same sequence of them)
 TIMEOUT_ENV = "HEADSTART_DIST_TIMEOUT_MINUTES"  # how long a rank waits for the others at a collective
 DEFAULT_TIMEOUT_MINUTES = 60.0
 
@@ -87,8 +88,12 @@ def session() -> Iterator[bool]:
         torch.cuda.set_device(local_rank())
     timeout = timedelta(minutes=_timeout_minutes())
     store, me, n = next(dist.rendezvous("env://", timeout=timeout))
-    # an elastic restart reuses the agent's store: the attempt number keeps the last attempt's addresses out
-    store = dist.PrefixStore(f"headstart/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    # an elastic restart reuses the agent's store, and so does a second session in one process (a script
+    # calling extract, then train): the attempt and the session number keep earlier groups' addresses out
+    global _SESSIONS
+    _SESSIONS += 1
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"headstart/attempt{attempt}/session{_SESSIONS}", store)
     dist.init_process_group(backend(), store=store, rank=me, world_size=n, timeout=timeout)
     global _BN_GROUP
     _BN_GROUP = dist.new_group()

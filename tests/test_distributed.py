@@ -139,20 +139,22 @@ def test_sharded_extraction_survives_a_killed_rank_and_equals_one_process(tmp_pa
 
 
 def test_the_python_api_joins_torchrun_too(tmp_path, photos):
-    """``headstart.extract`` in a script started by torchrun shares the work like the CLI does."""
+    """``headstart.extract`` in a script started by torchrun shares the work like the CLI does, and can be
+    called again (a second process group in the same processes)."""
     data, reference = photos
     script = tmp_path / "extract.py"
     script.write_text("import json, os, sys, headstart\n"  # one file per rank: their stdout lines interleave
-                      "out = headstart.extract(sys.argv[1], cache_dir=sys.argv[2], engine='torch', precision='fp32',"
-                      " batch_size=16, num_workers=0, progress=False)\n"
-                      "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'w').write(json.dumps(out))\n")
+                      "outs = [headstart.extract(sys.argv[1], cache_dir=sys.argv[2], engine='torch', precision='fp32',"
+                      " batch_size=16, num_workers=0, progress=False) for _ in range(2)]\n"  # 2 sessions, 1 process
+                      "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'w').write(json.dumps(outs))\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
                str(data), str(tmp_path / "shared")]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    outs = [json.loads((tmp_path / f"shared.rank{r}").read_text()) for r in (0, 1)]  # each rank: the sums
-    for out in outs:
-        assert out["n_computed"] == 40 and sorted(r["n_images"] for r in out["ranks"]) == [20, 20]
+    for rank in (0, 1):  # each rank returns the sums
+        first, second = json.loads((tmp_path / f"shared.rank{rank}").read_text())
+        assert first["n_computed"] == 40 and sorted(r["n_images"] for r in first["ranks"]) == [20, 20]
+        assert second["n_computed"] == 0 and second["n_cached"] == 40  # a second process group, same process
     assert _rows(tmp_path / "shared") == reference
 
 
