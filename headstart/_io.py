@@ -50,8 +50,11 @@ def copy_tree_durable(source: Path, target: Path) -> None:
 
     def copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
-        with open(dst, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fd = os.open(dst, os.O_RDONLY)  # (a copy of a read-only file is read-only: fsync needs no write access)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     shutil.copytree(source, target, copy_function=copy)
     for folder in [target, *(p for p in target.rglob("*") if p.is_dir())]:

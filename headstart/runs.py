@@ -339,6 +339,7 @@ def write_ensemble_run(out: Path, members: Sequence[Run], member_weights: Sequen
             entries.append({"path": f"members/{i}", "weight": float(weight), "backbone": member.backbone_name,
                             "freeze": member.info["backbone"].get("freeze", "all"),
                             "source": None if move else str(member.path)})
+        fsync_dir(staging / "members")  # the moves (renames) and copies are durable before the folder is placed
         digests = record_digests(staging, [f"{e['path']}/{RUN_FILE}" for e in entries])
         info = {"format": RUN_FORMAT, "type": "ensemble", "class_names": members[0].class_names,
                 "members": entries, **(extra or {}), DIGESTS: digests}

@@ -407,6 +407,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _thumbnail_near(value: str) -> float | None:
+    """``--thumbnail-near``: a correlation in (0, 1], or ``off``."""
+    from ..errors import UsageError
+
+    if value.strip().lower() == "off":
+        return None
+    try:
+        near = float(value)
+    except ValueError:
+        near = float("nan")
+    if not 0.0 < near <= 1.0:
+        raise UsageError(f"--thumbnail-near must be a correlation in (0, 1] or 'off'; got '{value}'")
+    return near
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .._validation import check_positive_int
     from ..errors import UsageError
@@ -415,13 +430,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.near_duplicate <= 1.0:
         raise UsageError(f"--near-duplicate must be a cosine similarity in (0, 1]; got {args.near_duplicate}")
+    thumbnail_near = _thumbnail_near(args.thumbnail_near)
     folds = DEFAULT_FOLDS if args.cv is None else args.cv
     check_positive_int(folds, "--cv")
     if folds < 2:
         raise UsageError(f"--cv must be at least 2 (out-of-fold probabilities need 2 folds); got {folds}")
     found = inspect(args.data, out=args.out, fix=args.fix, backbone=args.backbone, weights=args.weights,
                     cache_dir=args.cache_dir, folds=folds, seed=args.seed, near_duplicate=args.near_duplicate,
-                    batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+                    thumbnail_near=thumbnail_near, batch_size=args.batch_size, num_workers=args.workers,
+                    progress=not args.quiet)
     if args.json:
         _print_json(found)
         return EXIT_OK

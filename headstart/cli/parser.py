@@ -365,8 +365,11 @@ def _add_inspect(sub: Any) -> None:
                         "holds the images, e.g. next to the data folder")
     p.add_argument("--near-duplicate", type=float, default=0.93, metavar="COSINE",
                    help="cosine similarity of the features from which two images are near-duplicates "
-                        "(default: %(default)s; see benchmarks/inspection.py); shrunk or recompressed copies are also "
-                        "found by their thumbnails (correlation >= 0.985)")
+                        "(default: %(default)s; see benchmarks/inspection.py)")
+    p.add_argument("--thumbnail-near", default="0.985", metavar="CORR|off",
+                   help="correlation of 16 x 16 thumbnails from which two images are near-duplicates too, which "
+                        "finds shrunk or recompressed copies the features miss (default: %(default)s; 'off': "
+                        "features only, e.g. for scans or products on a plain background, whose thumbnails look alike)")
     p.add_argument("--cv", type=int, default=None, help="folds of the out-of-fold probabilities (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the findings as one JSON object on stdout")

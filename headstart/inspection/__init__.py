@@ -15,7 +15,7 @@ from typing import Any
 from ..backbones import DEFAULT_BACKBONE
 from ..cache import FeatureCache
 from ..selection import DEFAULT_FOLDS
-from .findings import NEAR_DUPLICATE, inspect_data
+from .findings import NEAR_DUPLICATE, THUMBNAIL_NEAR, inspect_data
 from .output import write_findings, write_fix
 
 MEMO = "inspection:"  # + the data folder's absolute path -> where its latest findings are
@@ -24,9 +24,13 @@ MEMO = "inspection:"  # + the data folder's absolute path -> where its latest fi
 def inspect(data: str | os.PathLike[str], *, out: str | os.PathLike[str] = "inspect",
             fix: str | os.PathLike[str] | None = None, backbone: str = DEFAULT_BACKBONE, weights: str = "default",
             cache_dir: str | os.PathLike[str] | None = None, folds: int = DEFAULT_FOLDS, seed: int = 0,
-            near_duplicate: float = NEAR_DUPLICATE, batch_size: int = 32, num_workers: int | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            near_duplicate: float = NEAR_DUPLICATE, thumbnail_near: float | None = THUMBNAIL_NEAR,
+            batch_size: int = 32, num_workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Inspect the labelled images of ``data``; write the findings into ``out`` (and ``fix``'s manifest).
+
+    ``near_duplicate``: the features' cosine similarity from which two images are near-duplicates;
+    ``thumbnail_near``: the correlation of their 16 x 16 thumbnails from which they are too (shrunk or
+    recompressed copies; ``None``: features only).
 
     Returns:
         The findings: ``label_issues`` (``path``, ``given``, ``suggested``, ``confidence``),
@@ -36,7 +40,8 @@ def inspect(data: str | os.PathLike[str], *, out: str | os.PathLike[str] = "insp
     """
     start = time.perf_counter()
     findings, seen = inspect_data(data, backbone=backbone, weights=weights, cache_dir=cache_dir, folds=folds,
-                                  seed=seed, near_duplicate=near_duplicate, batch_size=batch_size,
+                                  seed=seed, near_duplicate=near_duplicate, thumbnail_near=thumbnail_near,
+                                  batch_size=batch_size,
                                   num_workers=num_workers, progress=progress)
     findings["seconds"] = round(time.perf_counter() - start, 3)
     findings["files"] = write_findings(findings, Path(out))

@@ -7,16 +7,16 @@ From out-of-fold probabilities ``p`` (n x k) and given labels ``y``:
    (of several such classes, the most probable), counted per (given, likely true) pair;
 3. ``C`` calibrated so each row sums to the count of its label, normalised to the joint ``Q``;
 4. the number of label errors is estimated from ``n * Q``'s off-diagonal cells, each rounded to whole
-   images before they are summed (the paper prunes per cell; a confusion spread thinly over many
-   pairs of classes, under half an image per cell, counts for nothing); of that many images with the
+   images before they are summed (the paper prunes per cell; calibration makes cells fractional, and
+   their fractions no longer add up to extra images); of that many images with the
    lowest self-confidence (the probability of the given label), those whose most probable class is
    another one are flagged, lowest first (an image the head predicts as its given label is not a
    confident error; cleanlab drops those too).
 
 Step 4 is the paper's count with a self-confidence ranking rather than its prune-by-noise-rate
 margins: over ants/bees and intel_scenes at 5% and 10% flipped labels (4 seeds; each set as given
-and without its own questionable labels), its recall is within 0.03 of cleanlab's or better, and
-its precision within 0.02 or better (benchmarks/inspection.py).
+and without its own questionable labels), its recall and its precision are each within 0.02 of
+cleanlab's on the same probabilities, or better (benchmarks/inspection.py).
 """
 
 from __future__ import annotations

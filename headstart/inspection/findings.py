@@ -60,18 +60,21 @@ class Inspected:
 
 def inspect_data(data: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKBONE, weights: str = "default",
                  cache_dir: str | os.PathLike[str] | None = None, folds: int = DEFAULT_FOLDS, seed: int = 0,
-                 near_duplicate: float = NEAR_DUPLICATE, batch_size: int = 32, num_workers: int | None = None,
+                 near_duplicate: float = NEAR_DUPLICATE, thumbnail_near: float | None = THUMBNAIL_NEAR,
+                 batch_size: int = 32, num_workers: int | None = None,
                  progress: bool = True) -> tuple[dict[str, Any], Inspected]:
-    """The findings of one data set (see the module docstring) and what they were computed from."""
-    seen = _load(data, backbone, weights, cache_dir, folds, seed, batch_size, num_workers, progress)
+    """The findings of one data set (see the module docstring) and what they were computed from;
+    ``thumbnail_near=None`` looks for near-duplicates by the features alone."""
+    seen = _load(data, backbone, weights, cache_dir, folds, seed, batch_size, num_workers, progress,
+                 thumbnails_too=thumbnail_near is not None)
     findings = {"data": str(data), "n_images": len(seen.paths), "setting": seen.setting,
-                "label_issues": label_issues(seen), **similar(seen, near_duplicate),
+                "label_issues": label_issues(seen), **similar(seen, near_duplicate, thumbnail_near),
                 "classes": classes(seen), "bad_files": seen.bad_files}
     return findings, seen
 
 
 def _load(data: str | os.PathLike[str], backbone: str, weights: str, cache_dir: Any, folds: int, seed: int,
-          batch_size: int, num_workers: int | None, progress: bool) -> Inspected:
+          batch_size: int, num_workers: int | None, progress: bool, thumbnails_too: bool = True) -> Inspected:
     loaded = load_images(data, val_split=0, min_classes=2)
     parts = [(loaded.train, "train")] + ([(loaded.val, "val")] if loaded.val is not None else [])
     paths = [p for part, _ in parts for p in part.paths]
@@ -82,10 +85,11 @@ def _load(data: str | os.PathLike[str], backbone: str, weights: str, cache_dir: 
         bb = create_backbone(backbone, weights, memo=cache)
         result = extract_features(bb, paths, cache=cache, batch_size=batch_size, num_workers=num_workers,
                                   progress=progress, desc="features")
-        keys = [k or f"unreadable:{i}" for i, k in enumerate(cache.image_keys(paths)[0])]
+        found = cache.image_keys(paths)[0]
+        keys = [k or f"unreadable:{i}" for i, k in enumerate(found)]
         grid, classifier, _ = grid_with_classifier({}, bb, weights, memo=cache)
         ok = np.flatnonzero(result.ok)
-        small = thumbnails([paths[i] for i in ok], [keys[i] for i in ok], cache, progress)
+        small = thumbnails([paths[i] for i in ok], [found[i] for i in ok], cache, progress) if thumbnails_too else None
     bad = [b.to_dict() for b in loaded.bad_files + result.bad_files]
     if len(np.unique(labels[ok])) < 2:
         raise DataError(f"'{data}' has fewer than 2 classes with usable images; inspect needs labelled classes")
@@ -148,13 +152,18 @@ def label_issues(seen: Inspected) -> list[dict[str, Any]]:
             for t in find_label_issues(seen.oof, seen.labels)]
 
 
-def similar(seen: Inspected, threshold: float) -> dict[str, Any]:
-    """Exact copies, near-duplicates (by features, or by thumbnails) and outliers."""
+def similar(seen: Inspected, threshold: float, thumbnail_near: float | None = THUMBNAIL_NEAR) -> dict[str, Any]:
+    """Exact copies, near-duplicates and outliers.
+
+    A near-duplicate pair's ``thumbnail_similarity`` is set when its thumbnails correlate at
+    ``thumbnail_near`` or more (None otherwise, or without thumbnails); such pairs come first (the
+    surest copies), then the others by the features' cosine ``similarity``.
+    """
     found = neighbours(seen.features, threshold, k=KNN, same=seen.keys)
     pairs = {(i, j): (s, None) for i, j, s in found.pairs}
-    if seen.thumbnails is not None:
+    if seen.thumbnails is not None and thumbnail_near is not None:
         unit = normalise(seen.features)
-        for i, j, t in neighbours(seen.thumbnails, THUMBNAIL_NEAR, k=0, same=seen.keys).pairs:
+        for i, j, t in neighbours(seen.thumbnails, thumbnail_near, k=0, same=seen.keys).pairs:
             s = pairs.get((i, j), (float(unit[i] @ unit[j]), None))[0]
             if s >= THUMBNAIL_FEATURE_FLOOR:
                 pairs[i, j] = (s, t)
@@ -163,7 +172,7 @@ def similar(seen: Inspected, threshold: float) -> dict[str, Any]:
              "across_splits": seen.split[i] != seen.split[j]}
             for (i, j), (s, t) in sorted(pairs.items(), key=lambda item: (-(item[1][1] or 0.0), -item[1][0]))]
     return {"exact_duplicates": _exact(seen), "near_duplicates": near, "near_duplicate_threshold": threshold,
-            "thumbnail_threshold": THUMBNAIL_NEAR, "outliers": _outliers(seen, found.knn_distance)}
+            "thumbnail_threshold": thumbnail_near, "outliers": _outliers(seen, found.knn_distance)}
 
 
 def _exact(seen: Inspected) -> list[dict[str, Any]]:

@@ -41,15 +41,15 @@ def _csv(findings: dict[str, Any]) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["kind", "path", "other", "given", "suggested", "score", "across_splits", "thumbnail_similarity"])
     for t in findings["label_issues"]:
-        writer.writerow(["label_issue", t["path"], "", t["given"], t["suggested"], t["confidence"], ""])
+        writer.writerow(["label_issue", t["path"], "", t["given"], t["suggested"], t["confidence"], "", ""])
     for d in findings["near_duplicates"]:
         writer.writerow(["near_duplicate", d["a"], d["b"], "", "", d["similarity"], d["across_splits"],
                          "" if d.get("thumbnail_similarity") is None else d["thumbnail_similarity"]])
     for group in findings["exact_duplicates"]:
         for other in group["paths"][1:]:
-            writer.writerow(["exact_duplicate", group["paths"][0], other, "", "", 1.0, group["across_splits"]])
+            writer.writerow(["exact_duplicate", group["paths"][0], other, "", "", 1.0, group["across_splits"], ""])
     for o in findings["outliers"]:
-        writer.writerow(["outlier" if o["flagged"] else "far", o["path"], "", o["label"], "", o["score"], ""])
+        writer.writerow(["outlier" if o["flagged"] else "far", o["path"], "", o["label"], "", o["score"], "", ""])
     return buffer.getvalue()
 
 
@@ -69,14 +69,18 @@ def _page(findings: dict[str, Any]) -> str:
                                f"suggested: {t['suggested']} ({t['confidence']:.2f})"]) for t in issues[:GALLERY]])),
              section("leakage", f"The same or nearly the same image in training and validation ({len(leaks)})",
                      _pairs(leaks)) if leaks else "",
-             section("near-duplicates", f"Near-duplicates ({len(near)}; features' cosine >= "
-                     f"{findings['near_duplicate_threshold']}, or thumbnails' >= {findings['thumbnail_threshold']})",
-                     _pairs(near[:GALLERY])),
+             section("near-duplicates", f"Near-duplicates ({len(near)}; {_rule(findings)})", _pairs(near[:GALLERY])),
              section("outliers", f"Farthest from every other image ({sum(o['flagged'] for o in findings['outliers'])}"
                                  f" flagged: robust z >= 3.5)", gallery(
                  [(o["path"], [Path(o["path"]).name, f"label: {o['label']}", f"distance {o['score']:.3f}, z {o['z']}"])
                   for o in findings["outliers"][:GALLERY]]))]
     return html_page(f"headstart inspect: {Path(findings['data']).name}", parts)
+
+
+def _rule(findings: dict[str, Any]) -> str:
+    rule = f"features' cosine >= {findings['near_duplicate_threshold']}"
+    thumbnails = findings.get("thumbnail_threshold")
+    return rule if thumbnails is None else f"{rule}, or thumbnails' >= {thumbnails}"
 
 
 def _pairs(pairs: list[dict[str, Any]]) -> str:
