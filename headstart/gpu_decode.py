@@ -114,9 +114,9 @@ class _Read:
 
 
 def read_file(path: Path) -> _Read:
-    """Read and hash ``path``; note whether its bytes are a JPEG the device can decode as is."""
+    """Read and hash ``path`` (in a reader thread: nothing here touches process-wide state)."""
     data, digest, error = read_and_hash(path)
-    return _Read(data, digest, error, plain_jpeg=not error and _plain_jpeg(data))
+    return _Read(data, digest, error)
 
 
 def _plain_jpeg(data: bytes) -> bool:
@@ -125,11 +125,11 @@ def _plain_jpeg(data: bytes) -> bool:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # (in the main thread: the filters are the process's, not a thread's)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # the header only
-                # quiet_orientation, not getexif: this runs in reader threads, where Pillow's warnings on a
-                # damaged EXIF block cannot be caught; such a file goes to Pillow, which names it in its warning
+                # quiet_orientation, not getexif: Pillow's warnings on a damaged EXIF block would be swallowed
+                # here; such a file goes to Pillow's decode, which names it in its warning
                 return (img.mode in ("RGB", "L") and quiet_orientation(img) == 1
                         and img.size[0] * img.size[1] <= max_pixels())  # a larger one: Pillow refuses it
     except Exception:
@@ -162,6 +162,8 @@ class DeviceCleanBatches:
                 yield self._batch(start, reads)
 
     def _batch(self, start: int, reads: list[_Read]) -> list[dict[str, Any]]:
+        for r in reads:  # here, not in the reader threads: catch_warnings is not thread-safe
+            r.plain_jpeg = not r.error and _plain_jpeg(r.data)
         items = [{"index": start + i, "digest": r.digest, "error": r.error, "permanent": False, "views": [0],
                   "tensors": None} for i, r in enumerate(reads)]
         images: dict[int, torch.Tensor] = self._decode_jpegs(reads)
