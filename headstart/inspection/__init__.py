@@ -41,8 +41,7 @@ def inspect(data: str | os.PathLike[str], *, out: str | os.PathLike[str] = "insp
     start = time.perf_counter()
     findings, seen = inspect_data(data, backbone=backbone, weights=weights, cache_dir=cache_dir, folds=folds,
                                   seed=seed, near_duplicate=near_duplicate, thumbnail_near=thumbnail_near,
-                                  batch_size=batch_size,
-                                  num_workers=num_workers, progress=progress)
+                                  batch_size=batch_size, num_workers=num_workers, progress=progress)
     findings["seconds"] = round(time.perf_counter() - start, 3)
     findings["files"] = write_findings(findings, Path(out))
     if fix is not None:
