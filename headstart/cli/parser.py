@@ -105,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_train(sub)
+    _add_runs(sub)
+    _add_tools(sub)
+    _add_sweep(sub)
+    _add_export(sub)
+    _add_serve(sub)
+    _add_inspect(sub)
+    _add_cache(sub)
+    _add_debug(sub.choices.values())
+    return parser
+
+
+def _add_train(sub: Any) -> None:
+    """The ``train`` subcommand."""
     p = sub.add_parser("train", help="train a classifier: head on cached features, fine-tuning, or an ensemble",
                        description="Extract (or reuse cached) backbone features and train a head, or fine-tune "
                                    "the top stages (--freeze), or train an ensemble (--backbone A,B / --ensemble M); "
@@ -175,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=commands.cmd_train)
 
+
+def _add_runs(sub: Any) -> None:
+    """The subcommands that use runs: ``evaluate``, ``predict``, ``ensemble``."""
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics, TTA, ablation and HTML report on labelled data")
     p.add_argument("run", help="run folder written by 'headstart train'")
     p.add_argument("data", help="labelled data (a train/+val/ tree is evaluated on val/)")
@@ -208,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=commands.cmd_ensemble)
 
+
+def _add_tools(sub: Any) -> None:
+    """``features``, ``backbones``, ``augment-preview``, ``pca-stats`` and ``demo``."""
     p = sub.add_parser("features", aliases=["extract"],
                        help="pre-compute and cache backbone features only (the API's headstart.extract)")
     p.add_argument("data", help="class-folder tree, train/+val/ tree, or CSV manifest")
@@ -257,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, backbone=False)
     p.set_defaults(func=commands.cmd_demo)
 
+
+def _add_sweep(sub: Any) -> None:
+    """The ``sweep`` subcommand."""
     p = sub.add_parser("sweep", help="compare head settings x feature sources x augmented views x backbones by CV",
                        description="Cross-validate the grid of head settings on every backbone's cached features, "
                                    "with each count of augmented views; rank all settings on the same folds, write "
@@ -284,13 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the sweep (leaderboard included) as JSON on stdout")
     _add_common(p, backbone=False)
     p.set_defaults(func=commands.cmd_sweep)
-
-    _add_export(sub)
-    _add_serve(sub)
-    _add_inspect(sub)
-    _add_cache(sub)
-    _add_debug(sub.choices.values())
-    return parser
 
 
 def _add_debug(subparsers: Iterable[argparse.ArgumentParser]) -> None:
