@@ -242,3 +242,14 @@ def test_thumbnails_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypa
         module.thumbnails(paths[:1], [None], cache)
         module.thumbnails(paths[:1], [None], cache)
     assert len(decoded) == 4
+
+
+@pytest.mark.parametrize("given", [{"near_duplicate": 1.5}, {"near_duplicate": 0}, {"thumbnail_near": 2.0},
+                                   {"thumbnail_near": "abc"}])
+def test_similarity_thresholds_are_checked_before_any_file_is_read(given, tmp_path):
+    from headstart.errors import UsageError
+    from headstart.inspection import inspect
+
+    name = next(iter(given))
+    with pytest.raises(UsageError, match=f"{name} \\(--{name.replace('_', '-')}\\) must be"):
+        inspect(tmp_path / "missing", out=tmp_path / "out", **given)

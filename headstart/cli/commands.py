@@ -407,19 +407,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
-def _thumbnail_near(value: str) -> float | None:
-    """``--thumbnail-near``: a correlation in (0, 1], or ``off``."""
-    from ..errors import UsageError
-
-    if value.strip().lower() == "off":
-        return None
+def _number(value: str) -> float | str:
+    """``value`` as a float, or as it is (for the API's check to name) when it is not a number."""
     try:
-        near = float(value)
+        return float(value)
     except ValueError:
-        near = float("nan")
-    if not 0.0 < near <= 1.0:
-        raise UsageError(f"--thumbnail-near must be a correlation in (0, 1] or 'off'; got '{value}'")
-    return near
+        return value
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -428,9 +421,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from ..inspection import inspect
     from ..selection import DEFAULT_FOLDS
 
-    if not 0.0 < args.near_duplicate <= 1.0:
-        raise UsageError(f"--near-duplicate must be a cosine similarity in (0, 1]; got {args.near_duplicate}")
-    thumbnail_near = _thumbnail_near(args.thumbnail_near)
+    thumbnail_near = None if args.thumbnail_near.strip().lower() == "off" else _number(args.thumbnail_near)
     folds = DEFAULT_FOLDS if args.cv is None else args.cv
     check_positive_int(folds, "--cv")
     if folds < 2:

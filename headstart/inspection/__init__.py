@@ -38,6 +38,9 @@ def inspect(data: str | os.PathLike[str], *, out: str | os.PathLike[str] = "insp
         ``exact_duplicates``, ``outliers`` (``path``, ``score``), ``classes`` (per class ``count``, ``cv_accuracy``,
         ``confused_with``), ``files`` written, ``seconds``.
     """
+    _check_similarity(near_duplicate, "near_duplicate (--near-duplicate)", "a cosine similarity in (0, 1]")
+    if thumbnail_near is not None:
+        _check_similarity(thumbnail_near, "thumbnail_near (--thumbnail-near)", "a correlation in (0, 1] or off")
     start = time.perf_counter()
     findings, seen = inspect_data(data, backbone=backbone, weights=weights, cache_dir=cache_dir, folds=folds,
                                   seed=seed, near_duplicate=near_duplicate, thumbnail_near=thumbnail_near,
@@ -59,3 +62,10 @@ def findings_page(cache: FeatureCache, data: str | os.PathLike[str]) -> str | No
 
 
 __all__ = ["findings_page", "inspect"]
+
+
+def _check_similarity(value: Any, name: str, expected: str) -> None:
+    from ..errors import UsageError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise UsageError(f"{name} must be {expected}; got {value!r}")
