@@ -30,7 +30,7 @@ from ..features import extract_features
 from ..selection import DEFAULT_FOLDS, Grid, Selection, fit_candidate, grid_with_classifier, select_head
 from ..sources import Classifier
 from .confident import find_label_issues
-from .neighbours import neighbours, normalise
+from .neighbours import neighbours
 from .thumbnails import thumbnails
 
 NEAR_DUPLICATE = 0.93  # cosine similarity of pooled features; see benchmarks/inspection.py
@@ -162,9 +162,10 @@ def similar(seen: Inspected, threshold: float, thumbnail_near: float | None = TH
     found = neighbours(seen.features, threshold, k=KNN, same=seen.keys)
     pairs = {(i, j): (s, None) for i, j, s in found.pairs}
     if seen.thumbnails is not None and thumbnail_near is not None:
-        unit = normalise(seen.features)
+        norms = np.maximum(np.linalg.norm(seen.features, axis=1), 1e-12)  # (cosines of these pairs only)
         for i, j, t in neighbours(seen.thumbnails, thumbnail_near, k=0, same=seen.keys).pairs:
-            s = pairs.get((i, j), (float(unit[i] @ unit[j]), None))[0]
+            cosine = float(seen.features[i] @ seen.features[j] / (norms[i] * norms[j]))
+            s = pairs.get((i, j), (cosine, None))[0]
             if s >= THUMBNAIL_FEATURE_FLOOR:
                 pairs[i, j] = (s, t)
     near = [{"a": str(seen.paths[i]), "b": str(seen.paths[j]), "similarity": round(s, 4),
